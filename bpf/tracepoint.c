@@ -1,0 +1,496 @@
+// uffdtrace tracepoint backend: userfaultfd fault timelines from raw tracepoints only.
+//
+// Loaded by uffdtrace/probes/tracepoint.py, which defines at compile time:
+//   TASK_PID_OFF, TASK_TGID_OFF   offsets in struct task_struct, read from the running
+//                                 kernel's BTF (headers here are for another kernel)
+//   HUF_START, HUF_END            [start, end) of handle_userfault, from /proc/kallsyms
+//   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
+//   TRACE_ALL                     every process instead of the `tracked` set
+//   FOLLOW_CHILDREN               children of tracked processes become tracked
+//   RINGBUF_PAGES, MAX_THREADS    sizes
+//
+// Per fault of a tracked thread T (state in `inflight`, keyed by tid):
+//   page_fault_user                          -> fault_ns, address, error code, comm
+//   sched_wakeup in T's context              -> T notified a handler (handle_userfault's wake_up_poll)
+//   sched_switch, T switched out             -> block_ns (asleep in handle_userfault, or preempted
+//                                               right after notifying)
+//   sched_wakeup of T                        -> wake_ns, the waker; in FULL_MODE the waker's
+//                                               in-flight uffd ioctl (which CONTINUE/COPY/WAKE)
+//   sched_switch, T switched in              -> resume_ns: one FAULT record
+// A wakeup that lands before T switched out ends the fault at once (resume = wake).
+// No per-fault kernel stacks (they cost ~0.7 us each here): one stack is sampled per
+// (process, 2 MiB region) at the first block there, and user space classifies the caller of
+// handle_userfault (hugetlb / shmem / anon path) from it.
+
+#include <uapi/linux/ptrace.h>
+
+#define TASK_INTERRUPTIBLE 1
+
+enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
+
+// FAULT flags
+#define F_NOTIFIED 1       // T woke a task while in the fault (the uffd notify)
+#define F_BLOCKED 2        // T was switched out while in the fault
+#define F_WOKEN 4          // T was woken
+#define F_WOKEN_ON_CPU 8   // the wakeup came before T switched out
+#define F_EXITED 16        // T exited with the fault in flight
+#define F_MSG 32           // a handler read T's message (FULL_MODE, UFFD_FEATURE_THREAD_ID)
+#define F_SLEPT 64         // T slept interruptibly (handle_userfault's blocking state)
+
+// Lost-record counters (per CPU).
+enum lost_reason { LOST_RINGBUF = 0, LOST_INFLIGHT_FULL = 1, LOST_IOCTL_FULL = 2, LOST_REASONS = 3 };
+
+// One fixed-size record for every type, so user space decodes the ring buffer with one numpy view.
+struct event {
+    u8 type;
+    u8 flags;
+    u16 nr;          // IOCTL: _IOC_NR(cmd); MSG: event code; FAULT: nr of the waker's ioctl
+    u32 pid;
+    u32 tid;
+    u32 peer_pid;    // FAULT: waker; IOCTL/MSG: 0
+    u32 peer_tid;
+    u32 notify_tid;  // FAULT: task T woke while faulting (its handler)
+    u64 t0;          // FAULT: fault_ns     IOCTL: enter_ns   MSG: msg_ns
+    u64 t1;          // FAULT: block_ns     IOCTL: exit_ns
+    u64 t2;          // FAULT: wake_ns
+    u64 t3;          // FAULT: resume_ns
+    u64 t4;          // FAULT: msg_ns
+    u64 t5;          // FAULT: enter_ns of the waker's in-flight uffd ioctl
+    u64 addr;        // FAULT: address      IOCTL: range start  MSG: address
+    u64 len;         // FAULT: error code   IOCTL: range length MSG: pagefault flags
+    u64 x;           // FAULT: msg flags    IOCTL: mode         MSG: ptid
+    s64 ret;         // FAULT: msg reader tid  IOCTL: return value
+    s64 mapped;      // IOCTL: mapped / copy / zeropage field
+    char comm[16];
+};
+
+struct fault_state {
+    u64 fault_ns, block_ns, wake_ns, msg_ns, ioctl_enter_ns;
+    u64 addr, error_code, msg_flags;
+    u64 regs, ip;  // T's saved user registers and the faulting instruction
+    u32 waker_pid, waker_tid, notify_tid, msg_tid;
+    u16 ioctl_nr;
+    u8 flags;
+    char comm[16];
+};
+
+struct ioctl_state {
+    u64 enter_ns, arg, start, len, mode;
+    u32 cmd;
+};
+
+struct region_key { u32 tgid; u32 pad; u64 region; };
+struct region_stack { u64 frames[6]; };  // callers of handle_userfault, innermost first
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(lost, u64, LOST_REASONS);
+BPF_HASH(tracked, u32, u8, 4096);                       // tgid -> 1 target, 2 handler
+BPF_HASH(inflight, u32, struct fault_state, MAX_THREADS);
+BPF_TABLE("lru_hash", struct region_key, struct region_stack, regions, 65536);
+BPF_HISTOGRAM(stall_hist, int, 64);                     // log2 us buckets, QEMU-style
+BPF_HISTOGRAM(continue_hist, int, 64);
+BPF_HASH(uffd_events, u64, u64, 4096);                  // (tgid << 32 | event) -> count (FULL_MODE)
+
+static __always_inline void count_lost(int reason) {
+    u64 *n = lost.lookup(&reason);
+    if (n)
+        (*n)++;
+}
+
+static __always_inline int log2_us_slot(u64 ns) {
+    u64 us = ns / 1000;
+    return us ? (int)bpf_log2l(us) - 1 : 0;  // bucket N holds [2^N, 2^(N+1)) us
+}
+
+static __always_inline bool is_tracked(u32 tgid) {
+#ifdef TRACE_ALL
+    return tgid != 0;
+#else
+    return tracked.lookup(&tgid) != NULL;
+#endif
+}
+
+static __always_inline u32 task_field(struct task_struct *t, int off) {
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)t + off);
+    return v;
+}
+
+// page fault in user mode: (unsigned long address, struct pt_regs *regs, unsigned long error_code)
+RAW_TRACEPOINT_PROBE(page_fault_user) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_tracked(id >> 32))
+        return 0;
+    u32 tid = (u32)id;
+    struct fault_state st = {};
+    st.fault_ns = bpf_ktime_get_ns();
+    st.addr = ctx->args[0];
+    st.error_code = ctx->args[2];
+    st.regs = ctx->args[1];
+    bpf_probe_read_kernel(&st.ip, sizeof(st.ip), &((struct pt_regs *)st.regs)->ip);
+    bpf_get_current_comm(&st.comm, sizeof(st.comm));
+    if (inflight.update(&tid, &st))
+        count_lost(LOST_INFLIGHT_FULL);
+    return 0;
+}
+
+// Is T still inside the fault recorded in st? A normal fault leaves no trace when it ends, so
+// check T's saved user registers: during the exception they hold the faulting ip and orig_ax
+// is -1 (the entry code moved the error code out); in a later syscall they hold the syscall's
+// ip and number.
+static __always_inline bool still_in_fault(struct fault_state *st) {
+    struct pt_regs *regs = (struct pt_regs *)st->regs;
+    u64 orig_ax = 0, ip = 0;
+    bpf_probe_read_kernel(&orig_ax, sizeof(orig_ax), &regs->orig_ax);
+    bpf_probe_read_kernel(&ip, sizeof(ip), &regs->ip);
+    return ip == st->ip && orig_ax == (u64)-1;
+}
+
+static __always_inline void sample_region(void *ctx, u32 tgid, u64 addr) {
+    struct region_key key = {.tgid = tgid, .region = addr >> 21};
+    if (regions.lookup(&key))
+        return;
+    u64 stack[16] = {};
+    long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
+    int n = bytes > 0 ? (u64)bytes / 8 : 0;
+    struct region_stack rs = {};
+    int found = -1;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        if (found < 0 && i < n && stack[i] >= HUF_START && stack[i] < HUF_END)
+            found = i;
+    }
+    if (found < 0)
+        return;  // not asleep in handle_userfault: leave the region unclassified
+#pragma unroll
+    for (int j = 0; j < 6; j++) {
+        int i = found + 1 + j;
+        if (i < 16 && i < n)
+            rs.frames[j] = stack[i];
+    }
+    regions.update(&key, &rs);
+}
+
+static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, u64 resume_ns) {
+    if (st->flags & F_WOKEN) {
+        int slot = log2_us_slot(resume_ns - st->fault_ns);
+        stall_hist.increment(slot);
+    }
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count_lost(LOST_RINGBUF);
+        return;
+    }
+    e->type = EV_FAULT;
+    e->flags = st->flags;
+    e->nr = st->ioctl_nr;
+    e->pid = pid;
+    e->tid = tid;
+    e->peer_pid = st->waker_pid;
+    e->peer_tid = st->waker_tid;
+    e->notify_tid = st->notify_tid;
+    e->t0 = st->fault_ns;
+    e->t1 = st->block_ns;
+    e->t2 = st->wake_ns;
+    e->t3 = resume_ns;
+    e->t4 = st->msg_ns;
+    e->t5 = st->ioctl_enter_ns;
+    e->addr = st->addr;
+    e->len = st->error_code;
+    e->x = st->msg_flags;
+    e->ret = st->msg_tid;
+    e->mapped = 0;
+    __builtin_memcpy(e->comm, st->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+// (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+// Fires in prev's context.
+RAW_TRACEPOINT_PROBE(sched_switch) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 prev_tid = (u32)id;
+    if (is_tracked(id >> 32)) {
+        struct fault_state *st = inflight.lookup(&prev_tid);
+        if (st && !(st->flags & F_WOKEN) && !still_in_fault(st)) {
+            inflight.delete(&prev_tid);  // that fault ended long ago
+        } else if (st && !(st->flags & F_WOKEN)) {
+            bool slept = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE && !ctx->args[0];
+            if (slept || (st->flags & F_NOTIFIED)) {
+                if (!st->block_ns)
+                    st->block_ns = bpf_ktime_get_ns();
+                st->flags |= F_BLOCKED;
+                if (slept) {
+                    st->flags |= F_SLEPT;
+                    sample_region(ctx, id >> 32, st->addr);
+                }
+            }
+        }
+    }
+    struct task_struct *next = (struct task_struct *)ctx->args[2];
+    u32 next_tgid = task_field(next, TASK_TGID_OFF);
+    if (!is_tracked(next_tgid))
+        return 0;
+    u32 next_tid = task_field(next, TASK_PID_OFF);
+    struct fault_state *st = inflight.lookup(&next_tid);
+    if (!st || !(st->flags & F_BLOCKED))
+        return 0;
+    if (st->flags & F_WOKEN) {
+        emit_fault(st, next_tgid, next_tid, bpf_ktime_get_ns());
+        inflight.delete(&next_tid);
+    } else {
+        // Back on the CPU without a wakeup (it had only been preempted): still in the fault,
+        // and the next switch-out (its real sleep) marks it blocked again.
+        st->flags &= ~F_BLOCKED;
+    }
+    return 0;
+}
+
+#ifdef FULL_MODE
+BPF_HASH(ioctls, u32, struct ioctl_state, MAX_THREADS);  // tid -> uffd ioctl in flight
+#endif
+
+// (struct task_struct *p). Fires in the waker's context.
+RAW_TRACEPOINT_PROBE(sched_wakeup) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 cur_tid = (u32)id;
+    struct task_struct *p = (struct task_struct *)ctx->args[0];
+    u32 p_tid = task_field(p, TASK_PID_OFF);
+
+    if (is_tracked(id >> 32)) {
+        // T waking a task from inside its fault: handle_userfault notifying a handler.
+        struct fault_state *me = inflight.lookup(&cur_tid);
+        if (me && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
+            me->flags |= F_NOTIFIED;
+            me->notify_tid = p_tid;
+        }
+    }
+
+    u32 p_tgid = task_field(p, TASK_TGID_OFF);
+    if (!is_tracked(p_tgid))
+        return 0;
+    struct fault_state *st = inflight.lookup(&p_tid);
+    if (!st || (st->flags & F_WOKEN) || !(st->flags & (F_NOTIFIED | F_BLOCKED)))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    st->wake_ns = now;
+    st->waker_pid = id >> 32;
+    st->waker_tid = cur_tid;
+    st->flags |= F_WOKEN;
+#ifdef FULL_MODE
+    struct ioctl_state *io = ioctls.lookup(&cur_tid);
+    if (io) {
+        st->ioctl_enter_ns = io->enter_ns;
+        st->ioctl_nr = io->cmd & 0xff;
+    }
+#endif
+#ifndef TRACE_ALL
+    // The resolver's process (a handler that may live elsewhere) joins the traced set.
+    u32 waker_tgid = id >> 32;
+    u8 handler = 2;
+    tracked.insert(&waker_tgid, &handler);
+#endif
+    if (!(st->flags & F_BLOCKED)) {
+        // Resolved before T ever left the CPU: it runs on from here.
+        st->flags |= F_WOKEN_ON_CPU;
+        emit_fault(st, p_tgid, p_tid, now);
+        inflight.delete(&p_tid);
+    }
+    return 0;
+}
+
+// (struct task_struct *parent, struct task_struct *child). Threads share the tgid, so only new
+// processes need adding.
+RAW_TRACEPOINT_PROBE(sched_process_fork) {
+#if defined(FOLLOW_CHILDREN) && !defined(TRACE_ALL)
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_tracked(tgid))
+        return 0;
+    struct task_struct *child = (struct task_struct *)ctx->args[1];
+    u32 child_tgid = task_field(child, TASK_TGID_OFF);
+    u8 target = 1;
+    tracked.insert(&child_tgid, &target);
+#endif
+    return 0;
+}
+
+// Fires in the exiting task's context: close its in-flight state.
+RAW_TRACEPOINT_PROBE(sched_process_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct fault_state *st = inflight.lookup(&tid);
+    if (st) {
+        if (st->flags & (F_BLOCKED | F_NOTIFIED)) {
+            st->flags |= F_EXITED;
+            emit_fault(st, id >> 32, tid, 0);
+        }
+        inflight.delete(&tid);
+    }
+#ifdef FULL_MODE
+    ioctls.delete(&tid);
+#endif
+    return 0;
+}
+
+#ifdef FULL_MODE
+#define NR_READ 0
+#define NR_IOCTL 16
+#define UFFDIO_TYPE 0xAA
+#define NR_CONTINUE 0x07
+#define NR_COPY 0x03
+#define NR_ZEROPAGE 0x04
+#define UFFD_EVENT_PAGEFAULT 0x12
+#define MAX_MSGS 16
+
+struct read_state { u64 buf; };
+BPF_HASH(reads, u32, struct read_state, MAX_THREADS);
+BPF_HASH(uffd_fds, u64, u8, 16384);  // (tgid << 32 | fd) known to be userfaultfds
+
+static __always_inline u64 reg(struct pt_regs *regs, int which) {
+    u64 v = 0;
+    switch (which) {
+    case 0: bpf_probe_read_kernel(&v, 8, &regs->di); break;
+    case 1: bpf_probe_read_kernel(&v, 8, &regs->si); break;
+    case 2: bpf_probe_read_kernel(&v, 8, &regs->dx); break;
+    }
+    return v;
+}
+
+// (struct pt_regs *regs, long id)
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!is_tracked(tgid))
+        return 0;
+    long nr = ctx->args[1];
+    if (nr != NR_IOCTL && nr != NR_READ)
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    u32 tid = (u32)id;
+    u64 fd = reg(regs, 0);
+    u64 fdkey = ((u64)tgid << 32) | (u32)fd;
+    if (nr == NR_READ) {
+        if (!uffd_fds.lookup(&fdkey))
+            return 0;
+        struct read_state rs = {.buf = reg(regs, 1)};
+        reads.update(&tid, &rs);
+        return 0;
+    }
+    u32 cmd = reg(regs, 1);
+    if (((cmd >> 8) & 0xff) != UFFDIO_TYPE)
+        return 0;
+    u8 one = 1;
+    uffd_fds.update(&fdkey, &one);
+    struct ioctl_state io = {.enter_ns = bpf_ktime_get_ns(), .cmd = cmd, .arg = reg(regs, 2)};
+    // Every uffdio_* argument starts with a range {start, len} followed by a mode word,
+    // except uffdio_copy {dst, src, len, mode, copy}.
+    u64 a[4] = {};
+    bpf_probe_read_user(a, sizeof(a), (void *)io.arg);
+    if ((cmd & 0xff) == NR_COPY) {
+        io.start = a[0];
+        io.len = a[2];
+        io.mode = a[3];
+    } else {
+        io.start = a[0];
+        io.len = a[1];
+        io.mode = a[2];
+    }
+    if (ioctls.update(&tid, &io))
+        count_lost(LOST_IOCTL_FULL);
+    return 0;
+}
+
+static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io, long ret) {
+    u64 now = bpf_ktime_get_ns();
+    u32 nr = io->cmd & 0xff;
+    s64 mapped = 0;
+    if (nr == NR_CONTINUE || nr == NR_ZEROPAGE)
+        bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 24));
+    else if (nr == NR_COPY)
+        bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 32));
+    if (nr == NR_CONTINUE)
+        continue_hist.increment(log2_us_slot(now - io->enter_ns));
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count_lost(LOST_RINGBUF);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->type = EV_IOCTL;
+    e->nr = nr;
+    e->pid = tgid;
+    e->tid = tid;
+    e->t0 = io->enter_ns;
+    e->t1 = now;
+    e->addr = io->start;
+    e->len = io->len;
+    e->x = io->mode;
+    e->ret = ret;
+    e->mapped = mapped;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void exit_read(u32 tgid, u32 tid, u64 buf, long ret) {
+    u64 now = bpf_ktime_get_ns();
+    int n = ret > 0 ? (u64)ret / 32 : 0;
+    for (int i = 0; i < MAX_MSGS && i < n; i++) {
+        u64 m[4] = {};
+        if (bpf_probe_read_user(m, sizeof(m), (void *)(buf + 32 * i)))
+            break;
+        u8 event = m[0] & 0xff;
+        u32 ptid = (u32)m[3];
+        if (event == UFFD_EVENT_PAGEFAULT && ptid) {
+            struct fault_state *st = inflight.lookup(&ptid);
+            if (st && !st->msg_ns) {
+                st->msg_ns = now;
+                st->msg_flags = m[1];
+                st->msg_tid = tid;
+                st->flags |= F_MSG;
+                continue;
+            }
+        }
+        if (event != UFFD_EVENT_PAGEFAULT) {
+            u64 key = ((u64)tgid << 32) | event;
+            uffd_events.increment(key);
+        }
+        // Messages user space must match itself (no ptid) and non-fault events.
+        struct event *e = events.ringbuf_reserve(sizeof(struct event));
+        if (!e) {
+            count_lost(LOST_RINGBUF);
+            continue;
+        }
+        __builtin_memset(e, 0, sizeof(*e));
+        e->type = EV_MSG;
+        e->nr = event;
+        e->pid = tgid;
+        e->tid = tid;
+        e->t0 = now;
+        e->addr = m[2];
+        e->len = m[1];
+        e->x = ptid;
+        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    }
+}
+
+// (struct pt_regs *regs, long ret)
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!is_tracked(tgid))
+        return 0;
+    u32 tid = (u32)id;
+    long ret = ctx->args[1];
+    struct ioctl_state *io = ioctls.lookup(&tid);
+    if (io) {
+        exit_ioctl(tgid, tid, io, ret);
+        ioctls.delete(&tid);
+        return 0;
+    }
+    struct read_state *rs = reads.lookup(&tid);
+    if (rs) {
+        exit_read(tgid, tid, rs->buf, ret);
+        reads.delete(&tid);
+    }
+    return 0;
+}
+#endif

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Idempotent set-up from nothing on a Debian 12 machine, as root:
+#   Debian packages -> tracefs -> kernel-header fallback -> venv (+ Debian's bcc) -> project + cffi build.
+# Every step checks first and says what it did. Hugepages are reserved per run by the tools
+# and the test suite themselves (and restored afterwards), not here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'setup: %s\n' "$*"; }
+
+[[ $(id -u) -eq 0 ]] || { echo "setup: must run as root (BPF, userfaultfd, hugepages)" >&2; exit 1; }
+
+APT_PACKAGES=(python3-bpfcc bpftrace bpftool linux-headers-amd64 python3-venv python3-dev
+              gcc make libffi-dev tmux)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "Debian packages present"
+fi
+
+# BCC and bpftrace look for tracepoint formats in tracefs.
+if [[ ! -e /sys/kernel/tracing/events ]]; then
+    mount -t tracefs nodev /sys/kernel/tracing && say "mounted tracefs on /sys/kernel/tracing"
+fi
+if [[ ! -e /sys/kernel/debug/tracing ]]; then
+    mount -t debugfs nodev /sys/kernel/debug 2>/dev/null && say "mounted debugfs on /sys/kernel/debug" || true
+fi
+
+# BCC compiles against /lib/modules/$(uname -r)/build. With no headers for the running kernel,
+# point it at Debian's newest installed ones (DESIGN §4): only tracepoint structs (generated
+# from tracefs at run time) and BPF helpers are used, so a version mismatch is harmless.
+kdir="/lib/modules/$(uname -r)"
+if [[ ! -e "$kdir/build/include/linux/kconfig.h" && ! -e "$kdir/source/include/linux/kconfig.h" ]]; then
+    arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)
+    [[ -n "$arch_dir" ]] || { echo "setup: no /usr/src/linux-headers-*-amd64 after installing linux-headers-amd64" >&2; exit 1; }
+    common_dir="${arch_dir%-amd64}-common"
+    mkdir -p "$kdir"
+    ln -sfn "$arch_dir" "$kdir/build"
+    ln -sfn "$common_dir" "$kdir/source"
+    say "no headers for kernel $(uname -r): linked $kdir/build -> $arch_dir and $kdir/source -> $common_dir"
+else
+    say "kernel headers usable at $kdir"
+fi
+
+# A venv on Debian's interpreter that also sees Debian's dist-packages (for `bcc`).
+VENV=.venv
+if ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then
+    rm -rf "$VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    say "created $VENV on /usr/bin/python3 with system site-packages (Debian's bcc)"
+fi
+# PyPI's `bcc` is an unrelated package that would shadow Debian's module.
+if "$VENV/bin/python" -m pip show -q bcc 2>/dev/null | grep -q .; then
+    "$VENV/bin/python" -m pip uninstall -y -q bcc && say "removed PyPI's unrelated 'bcc' package from $VENV"
+fi
+
+stamp="$VENV/.uffdtrace-installed"
+if [[ ! -e "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" \
+      || uffdtrace/exerciser/exerciser.c -nt "$stamp" || uffdtrace/exerciser/build.py -nt "$stamp" ]] \
+   || ! "$VENV/bin/python" -c 'import uffdtrace.exerciser._exerciser' 2>/dev/null; then
+    say "installing uffdtrace (editable) and building the cffi exerciser"
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    touch "$stamp"
+else
+    say "uffdtrace installed in $VENV"
+fi
+"$VENV/bin/python" -c 'import bcc, uffdtrace.exerciser._exerciser' \
+    || { echo "setup: venv cannot import bcc and the exerciser" >&2; exit 1; }
+say "ready: $VENV/bin/uffdtrace"

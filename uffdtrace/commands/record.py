@@ -1,0 +1,149 @@
+"""Record every userfaultfd fault of the traced processes: one CSV row per fault.
+
+Each row is one fault from touch to resume (columns in README.md). Times are CLOCK_MONOTONIC
+ns; empty cells are what this mode cannot know. A summary follows on stderr (or --json on
+stdout): counts by backing x kind, stall and CONTINUE percentiles, lost events, the tracer's
+own cost.
+
+modes:
+  light   tracepoints page_fault_user + sched_switch + sched_wakeup only (cheapest); no ioctl
+          arguments, so resolver, continue_ns, handler_ns, errno and mapped stay empty
+  full    adds raw syscall tracepoints for uffd ioctls and message reads: every column
+
+examples:
+  uffdtrace record -o faults.csv -- uffdtrace exercise --pages 20000
+  uffdtrace record -p 4242 --duration 10 --mode light -o vm.csv
+  uffdtrace record --all -d 5 --json > summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from uffdtrace.errors import UserError
+from uffdtrace.probes.records import LOST_REASONS, UFFD_EVENTS
+from uffdtrace.probes.tracepoint import MODES, TraceScope
+from uffdtrace.session import Session, stop_on_signals
+from uffdtrace.sinks.csv import CsvSink
+from uffdtrace.summary import format_us
+from uffdtrace.targets import LaunchedCommand, check_pids
+
+NAME = "record"
+HELP = "record per-fault timelines to CSV"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", metavar="FILE.csv",
+                   help="per-fault CSV (default: stdout)")
+    p.add_argument("-d", "--duration", type=float, metavar="S",
+                   help="stop after S seconds (default: until Ctrl-C or the command ends)")
+    p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
+    p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
+                   help="trace this process and all its threads (repeatable)")
+    p.add_argument("--all", action="store_true", help="trace every process")
+    p.add_argument("-j", "--json", action="store_true", help="summary as JSON on stdout")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="trace COMMAND from its start, with its threads and children")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    chosen = sum([bool(args.pid), args.all, bool(command)])
+    if chosen != 1:
+        raise UserError("choose exactly one target: -p PID, --all, or -- COMMAND")
+    if args.duration is not None and args.duration <= 0:
+        raise UserError("--duration must be positive")
+    if args.json and not args.output:
+        raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
+    pids = check_pids(args.pid)
+
+    launched = LaunchedCommand(command) if command else None
+    scope = TraceScope(pids=tuple(pids) + ((launched.pid,) if launched else ()),
+                       all=args.all, follow_children=bool(launched))
+    try:
+        sink = CsvSink(args.output) if args.output else CsvSink(None, stream=sys.stdout)
+    except OSError as e:
+        if launched:
+            launched.terminate()
+        raise UserError(f"cannot write {args.output}: {e.strerror}") from e
+    session = Session(args.mode, scope, [sink])
+    stop_on_signals(session)
+    try:
+        session.start()
+        what = (f"command {' '.join(command)}" if launched else
+                "all processes" if args.all else "pid " + ", ".join(map(str, pids)))
+        print(f"uffdtrace: tracing {what} ({session.backend.name} backend, {args.mode} mode), "
+              f"started in {session.startup_s:.2f} s; Ctrl-C to stop", file=sys.stderr)
+        if launched:
+            launched.release()
+        session.run(until=lambda: launched is not None and launched.poll() is not None,
+                    duration_s=args.duration)
+    finally:
+        if launched and launched.poll() is None:
+            launched.terminate()
+            launched.wait()
+        info = session.close()
+    summary = build_summary(session, info, args.mode, launched)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    else:
+        print_summary(summary, sys.stderr)
+    return 0
+
+
+def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
+    stats = session.stats
+    lost = info.get("lost", dict.fromkeys(LOST_REASONS, 0))
+    return {
+        "backend": session.backend.name if session.backend else "tracepoint",
+        "mode": mode,
+        "faults": stats.faults,
+        "by_backing_kind": [{"backing": b, "kind": k, "faults": n}
+                            for (b, k), n in sorted(stats.counts.items())],
+        "outcomes": stats.outcomes,
+        "errnos": {str(e): n for e, n in sorted(stats.errnos.items())},
+        "stall": stats.latency("stall"),
+        "continue": stats.latency("continue"),
+        "stall_hist_log2_us": info.get("stall_hist", []),
+        "continue_hist_log2_us": info.get("continue_hist", []),
+        "lost": lost,
+        "lost_total": sum(lost.values()),
+        "uffd_events": [{"pid": p, "event": UFFD_EVENTS.get(e, str(e)), "count": n}
+                        for (p, e), n in sorted(info.get("uffd_events", {}).items())],
+        "registers": info.get("registers", []),
+        "startup_s": round(session.startup_s, 3),
+        "compile_s": round(session.backend.compile_s, 3) if session.backend else None,
+        "bpf_run_ns": info.get("bpf_run_ns"),
+        "bpf_run_cnt": info.get("bpf_run_cnt"),
+        "tracer_cpu_s": round(info["tracer_cpu_s"], 3),
+        "wall_s": round(info["wall_s"], 3),
+        "command_exit": launched.returncode if launched else None,
+    }
+
+
+def print_summary(s: dict, out) -> None:
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"\n{s['faults']} faults ({s['backend']} backend, {s['mode']} mode)")
+    for row in s["by_backing_kind"]:
+        p(f"  {row['backing']:>8} {row['kind']:<8} {row['faults']}")
+    for name in ("stall", "continue"):
+        lat = s[name]
+        if lat["count"]:
+            p(f"  {name:>8} us: p50 {format_us(lat['p50_ns'])}  p90 {format_us(lat['p90_ns'])}"
+              f"  p99 {format_us(lat['p99_ns'])}  max {format_us(lat['max_ns'])}  (n={lat['count']})")
+    if s["errnos"]:
+        p("  errnos: " + ", ".join(f"{e}x{n}" for e, n in s["errnos"].items()))
+    unresolved = s["outcomes"].get("unresolved_exit", 0)
+    if unresolved:
+        p(f"  {unresolved} faults still in flight when their thread exited")
+    for ev in s["uffd_events"]:
+        p(f"  uffd event {ev['event']} in pid {ev['pid']}: {ev['count']}")
+    lost = ", ".join(f"{k}={v}" for k, v in s["lost"].items() if v) or "none"
+    p(f"  lost events: {s['lost_total']} ({lost})")
+    run_ms = (s["bpf_run_ns"] or 0) / 1e6
+    p(f"  tracer cost: BPF {run_ms:.1f} ms in {s['bpf_run_cnt'] or 0} runs, process CPU "
+      f"{s['tracer_cpu_s']:.2f} s over {s['wall_s']:.2f} s; start-up {s['startup_s']:.2f} s "
+      f"(compile {s['compile_s']} s)")

@@ -1,0 +1,53 @@
+"""The one record type of uffdtrace: a userfaultfd fault, from touch to resume.
+
+Records travel in batches as pandas DataFrames with exactly these columns (the CSV of
+`uffdtrace record` has the same columns in this order). Times are CLOCK_MONOTONIC
+nanoseconds, the clock of bpf_ktime_get_ns. Unknown values are missing (<NA>, an empty CSV
+cell), never invented: integer columns use pandas' nullable Int64.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+# name -> (pandas dtype, meaning). Order is the CSV column order.
+FAULT_COLUMNS: dict[str, tuple[str, str]] = {
+    "fault_ns": ("Int64", "instant the thread entered the page fault (absolute CLOCK_MONOTONIC)"),
+    "pid": ("Int64", "process (tgid) of the faulting thread"),
+    "tid": ("Int64", "faulting thread"),
+    "comm": ("string", "faulting thread's name"),
+    "addr": ("Int64", "faulting address"),
+    "page_size": ("Int64", "page size of the faulting mapping in bytes"),
+    "backing": ("string", "hugetlb | shmem | anon, from the kernel path"),
+    "kind": ("string", "minor | missing | wp"),
+    "stall_ns": ("Int64", "resume - fault: how long the thread could not run"),
+    "notify_ns": ("Int64", "msg - block: until the handler had the message"),
+    "handler_ns": ("Int64", "cont_enter - msg: handler work before its resolving ioctl"),
+    "continue_ns": ("Int64", "cont_exit - cont_enter: the resolving ioctl itself"),
+    "wake_to_run_ns": ("Int64", "resume - wake: scheduler delay after the wakeup"),
+    "resolver": ("string", "ioctl that woke the thread: CONTINUE | COPY | ZEROPAGE | WAKE | other"),
+    "handler_pid": ("Int64", "process of the thread that resolved the fault"),
+    "handler_tid": ("Int64", "thread that resolved the fault"),
+    "errno": ("Int64", "errno of a failed uffd ioctl on this fault's page (0: none failed)"),
+    "mapped": ("Int64", "bytes the resolving ioctl reported as mapped"),
+    "block_ns": ("Int64", "instant the thread went to sleep in handle_userfault"),
+    "msg_ns": ("Int64", "instant the handler received the fault message"),
+    "cont_enter_ns": ("Int64", "instant the resolving ioctl was entered"),
+    "cont_exit_ns": ("Int64", "instant the resolving ioctl returned"),
+    "wake_ns": ("Int64", "instant the thread was woken"),
+    "resume_ns": ("Int64", "instant the thread was on a CPU again"),
+    "outcome": ("string", "resolved | unresolved_exit (thread exited with the fault in flight)"),
+}
+
+
+def empty_faults() -> pd.DataFrame:
+    """An empty batch with the right columns and dtypes."""
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, (dtype, _) in FAULT_COLUMNS.items()})
+
+
+def coerce_faults(df: pd.DataFrame) -> pd.DataFrame:
+    """Give a batch the canonical column order and dtypes (missing columns become <NA>)."""
+    out = pd.DataFrame(index=df.index)
+    for name, (dtype, _) in FAULT_COLUMNS.items():
+        out[name] = df[name].astype(dtype) if name in df else pd.Series(pd.NA, index=df.index, dtype=dtype)
+    return out

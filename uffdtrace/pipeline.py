@@ -1,0 +1,187 @@
+"""Raw BPF records -> one row per fault (uffdtrace.events.FAULT_COLUMNS), batch by batch.
+
+A fault record is complete in the kernel except for what happens after T resumed: the exit
+of the ioctl that woke it (its duration and `mapped`). Faults whose resolving ioctl has not
+been seen yet wait here until it arrives or the stream ends, so no row is ever written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from uffdtrace.events import FAULT_COLUMNS, coerce_faults, empty_faults
+from uffdtrace.probes.records import (
+    EV_FAULT,
+    EV_IOCTL,
+    EV_MSG,
+    F_EXITED,
+    F_MSG,
+    F_WOKEN,
+    UFFD_PAGEFAULT_FLAG_MINOR,
+    UFFD_PAGEFAULT_FLAG_WP,
+    UFFDIO_NAMES,
+)
+
+RESOLVERS = {"CONTINUE", "COPY", "ZEROPAGE", "WAKE"}
+FAILED_IOCTL_MEMORY = 4096  # recent failed ioctls kept to attribute errnos to faults
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """What the kernel path of a fault says: backing, page size and (if calibrated) kind."""
+
+    backing: str
+    page_size: int
+    kind: str | None
+
+
+# (pid, addr) -> PathInfo | None, from the stack sampled in the fault's 2 MiB region.
+Classifier = Callable[[int, int], PathInfo | None]
+
+
+@dataclass
+class Assembler:
+    mode: str
+    classify: Classifier
+    pending: pd.DataFrame = field(default_factory=empty_faults)
+    ioctls_seen: int = 0
+    _failed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        {c: pd.Series(dtype="int64") for c in ("start", "end", "enter", "errno")}))
+    _exits: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict)
+    register_ranges: list[dict] = field(default_factory=list)
+
+    def feed(self, raw: np.ndarray) -> pd.DataFrame:
+        """Take one drained batch; return the fault rows that are now complete."""
+        self._take_ioctls(raw[raw["type"] == EV_IOCTL])
+        faults = self._faults(raw[raw["type"] == EV_FAULT])
+        return self._release(pd.concat([self.pending, faults], ignore_index=True), final=False)
+
+    def finish(self) -> pd.DataFrame:
+        """End of stream: release everything still waiting, with what is known."""
+        return self._release(self.pending, final=True)
+
+    def _take_ioctls(self, io: np.ndarray) -> None:
+        self.ioctls_seen += len(io)
+        for rec in io[io["ret"] < 0]:
+            self._failed.loc[len(self._failed)] = [
+                int(rec["addr"]), int(rec["addr"] + rec["len"]), int(rec["t0"]), int(-rec["ret"])]
+        if len(self._failed) > FAILED_IOCTL_MEMORY:
+            self._failed = self._failed.iloc[-FAILED_IOCTL_MEMORY:].reset_index(drop=True)
+        for rec in io[io["nr"] == 0x00]:  # UFFDIO_REGISTER
+            self.register_ranges.append(
+                {"pid": int(rec["pid"]), "start": int(rec["addr"]), "len": int(rec["len"]),
+                 "mode": int(rec["x"]), "ok": int(rec["ret"]) == 0})
+        resolving = io[np.isin(io["nr"], [0x02, 0x03, 0x04, 0x07])]
+        for tid, enter, exit_ns, ret, mapped in zip(
+            resolving["tid"].tolist(), resolving["t0"].tolist(), resolving["t1"].tolist(),
+            resolving["ret"].tolist(), resolving["mapped"].tolist(), strict=True,
+        ):
+            self._exits[(tid, enter)] = (exit_ns, ret, mapped)
+
+    def _faults(self, f: np.ndarray) -> pd.DataFrame:
+        if not len(f):
+            return empty_faults()
+        full = self.mode == "full"
+        woken = (f["flags"] & F_WOKEN) != 0
+
+        def instant(values: np.ndarray, known: np.ndarray | None = None) -> pd.Series:
+            s = pd.Series(values.astype(np.int64), dtype="Int64")
+            mask = values != 0 if known is None else known
+            return s.where(mask)
+
+        fault = instant(f["t0"])
+        block = instant(f["t1"])
+        wake = instant(f["t2"])
+        resume = instant(f["t3"], woken)
+        msg = instant(f["t4"], (f["flags"] & F_MSG) != 0)
+        cont_enter = instant(f["t5"])
+        df = pd.DataFrame({
+            "fault_ns": fault,
+            "pid": f["pid"].astype(np.int64),
+            "tid": f["tid"].astype(np.int64),
+            "comm": pd.array([c.decode(errors="replace") for c in f["comm"]], dtype="string"),
+            "addr": f["addr"].astype(np.int64),
+            "block_ns": block,
+            "msg_ns": msg,
+            "cont_enter_ns": cont_enter,
+            "wake_ns": wake,
+            "resume_ns": resume,
+            "handler_pid": instant(f["peer_pid"]),
+            "handler_tid": instant(f["peer_tid"]),
+            "outcome": np.where((f["flags"] & F_EXITED) != 0, "unresolved_exit", "resolved"),
+        })
+        df["outcome"] = df["outcome"].astype("string")
+        resolver = pd.Series([UFFDIO_NAMES.get(int(n), "other") for n in f["nr"]], dtype="string")
+        df["resolver"] = resolver.where(cont_enter.notna().to_numpy())
+        df["errno"] = pd.Series(0 if full else pd.NA, index=df.index, dtype="Int64")
+        self._classify(df, f, full)
+        return df
+
+    def _classify(self, df: pd.DataFrame, f: np.ndarray, full: bool) -> None:
+        regions = (f["pid"].astype(np.uint64) << np.uint64(43)) | (f["addr"] >> np.uint64(21))
+        uniq, inverse = np.unique(regions, return_inverse=True)
+        first = np.unique(inverse, return_index=True)[1]
+        paths = [self.classify(int(f["pid"][i]), int(f["addr"][i])) for i in first]
+        df["backing"] = pd.array([p.backing if p else None for p in paths], dtype="string")[inverse]
+        df["page_size"] = pd.array([p.page_size if p else None for p in paths], dtype="Int64")[inverse]
+        path_kind = pd.array([p.kind if p else None for p in paths], dtype="string")[inverse]
+        if full:
+            flags = f["x"]
+            msg_kind = np.where(flags & UFFD_PAGEFAULT_FLAG_MINOR, "minor",
+                                np.where(flags & UFFD_PAGEFAULT_FLAG_WP, "wp", "missing"))
+            has_msg = (f["flags"] & F_MSG) != 0
+            kind = pd.Series(pd.array(np.where(has_msg, msg_kind, None), dtype="string"))
+            df["kind"] = kind.fillna(pd.Series(path_kind))
+        else:
+            df["kind"] = path_kind
+
+    def _release(self, df: pd.DataFrame, final: bool) -> pd.DataFrame:
+        if df.empty:
+            self.pending = empty_faults()
+            return empty_faults()
+        keys = list(zip(df["handler_tid"].fillna(0).astype("int64"),
+                        df["cont_enter_ns"].fillna(0).astype("int64"), strict=True))
+        exits = [self._exits.get(k) for k in keys]
+        has_exit = np.array([e is not None for e in exits], dtype=bool)
+        df["cont_exit_ns"] = pd.array([e[0] if e else None for e in exits], dtype="Int64")
+        df["mapped"] = pd.array([e[2] if e else None for e in exits], dtype="Int64")
+        waiting = df["cont_enter_ns"].notna().to_numpy() & ~has_exit
+        if final or self.mode != "full":
+            waiting[:] = False
+        self.pending = coerce_faults(df[waiting]).reset_index(drop=True)
+        done = df[~waiting].copy()
+        for k in [k for k, has in zip(keys, has_exit, strict=True) if has]:
+            self._exits.pop(k, None)
+        self._attach_errnos(done)
+        return derive_durations(coerce_faults(done)).reset_index(drop=True)
+
+    def _attach_errnos(self, df: pd.DataFrame) -> None:
+        """errno of the last failed uffd ioctl on the fault's page while it was in flight."""
+        if self.mode != "full" or self._failed.empty or df.empty:
+            return
+        addr = df["addr"].to_numpy(dtype=np.int64)
+        lo = df["fault_ns"].to_numpy(dtype=np.int64, na_value=0)
+        hi = df["resume_ns"].fillna(df["wake_ns"]).to_numpy(dtype=np.int64, na_value=np.iinfo(np.int64).max)
+        errno = df["errno"].to_numpy(dtype=np.int64, na_value=0)
+        for start, end, enter, err in self._failed.itertuples(index=False):
+            hit = (addr >= start) & (addr < end) & (lo <= enter) & (enter <= hi)
+            errno[hit] = err
+        df["errno"] = pd.array(errno, dtype="Int64")
+
+
+def derive_durations(df: pd.DataFrame) -> pd.DataFrame:
+    """The *_ns durations of DESIGN §1 from the instants (missing where an end is missing)."""
+    df["stall_ns"] = df["resume_ns"] - df["fault_ns"]
+    notify = df["msg_ns"] - df["block_ns"]
+    df["notify_ns"] = notify.where(notify >= 0)  # the handler had it before T slept: unknown
+    df["handler_ns"] = df["cont_enter_ns"] - df["msg_ns"]
+    df["continue_ns"] = df["cont_exit_ns"] - df["cont_enter_ns"]
+    df["wake_to_run_ns"] = df["resume_ns"] - df["wake_ns"]
+    return df[list(FAULT_COLUMNS)]
+
+
+__all__ = ["RESOLVERS", "Assembler", "PathInfo", "derive_durations"]

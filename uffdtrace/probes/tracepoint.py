@@ -1,0 +1,135 @@
+"""The tracepoint backend: raw tracepoints only, so it runs on kernels without kprobes."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from uffdtrace.errors import UserError
+from uffdtrace.probes.bpfstats import prog_run_stats
+from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
+from uffdtrace.probes.records import EVENT_DTYPE, LOST_REASONS
+from uffdtrace.probes.ringbuf import RingBufferReader
+
+MODES = ("light", "full")
+RINGBUF_BYTES = 32 << 20  # > 1 s of records at 200k faults/s
+MAX_THREADS = 65536
+TARGET, HANDLER = 1, 2
+
+
+@dataclass(frozen=True)
+class TraceScope:
+    """Which processes the BPF programs look at."""
+
+    pids: tuple[int, ...] = ()
+    all: bool = False
+    follow_children: bool = False
+
+
+@dataclass
+class TracepointBackend:
+    mode: str
+    scope: TraceScope
+    name: str = "tracepoint"
+    compile_s: float = 0.0
+    _bpf: object = field(default=None, repr=False)
+    _ring: RingBufferReader | None = field(default=None, repr=False)
+
+    def cflags(self) -> list[str]:
+        offsets = struct_member_offsets("task_struct", ("pid", "tgid"))
+        huf = kallsyms().range_of("handle_userfault")
+        if huf is None:
+            raise UserError("handle_userfault is not in /proc/kallsyms: no userfaultfd support?")
+        flags = [
+            f"-DTASK_PID_OFF={offsets['pid']}",
+            f"-DTASK_TGID_OFF={offsets['tgid']}",
+            f"-DHUF_START={huf[0]:#x}ULL",
+            f"-DHUF_END={huf[1]:#x}ULL",
+            f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
+            f"-DMAX_THREADS={MAX_THREADS}",
+        ]
+        if self.mode == "full":
+            flags.append("-DFULL_MODE")
+        if self.scope.all:
+            flags.append("-DTRACE_ALL")
+        if self.scope.follow_children:
+            flags.append("-DFOLLOW_CHILDREN")
+        return flags
+
+    def start(self) -> None:
+        """Compile and attach (BCC attaches every RAW_TRACEPOINT_PROBE it compiles)."""
+        from bcc import BPF  # Debian's python3-bpfcc
+
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r}: choose light or full")
+        src = resources.files("uffdtrace.bpf").joinpath("tracepoint.c").read_text()
+        t0 = time.monotonic()
+        try:
+            self._bpf = BPF(text=src, cflags=self.cflags())
+        except Exception as e:
+            raise UserError(f"BPF program failed to load ({e}); run `uffdtrace doctor`") from e
+        self.compile_s = time.monotonic() - t0
+        for pid in self.scope.pids:
+            self.track(pid)
+        events = self._bpf["events"]
+        self._ring = RingBufferReader(events.map_fd, RINGBUF_BYTES, EVENT_DTYPE)
+
+    def track(self, pid: int, role: int = TARGET) -> None:
+        self._bpf["tracked"][ctypes.c_uint32(pid)] = ctypes.c_uint8(role)
+
+    def untrack(self, pid: int) -> None:
+        self._bpf["tracked"].pop(ctypes.c_uint32(pid), None)
+
+    def tracked(self) -> dict[int, int]:
+        return {k.value: v.value for k, v in self._bpf["tracked"].items()}
+
+    def drain(self) -> np.ndarray:
+        return self._ring.drain()
+
+    def lost(self) -> dict[str, int]:
+        table = self._bpf["lost"]
+        return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(LOST_REASONS)}
+
+    def histogram(self, name: str) -> np.ndarray:
+        """Counts per log2 µs bucket: index N holds [2^N, 2^(N+1)) µs (N=0 also holds < 1 µs)."""
+        counts = np.zeros(64, dtype=np.int64)
+        for k, v in self._bpf[f"{name}_hist"].items():
+            counts[k.value] = v.value
+        return counts
+
+    def region_frames(self, pid: int, addr: int) -> tuple[int, ...] | None:
+        """Callers of handle_userfault sampled at the first block in addr's 2 MiB region."""
+        table = self._bpf["regions"]
+        key = table.Key(pid, 0, addr >> 21)
+        try:
+            value = table[key]
+        except KeyError:
+            return None
+        return tuple(f for f in value.frames if f)
+
+    def uffd_event_counts(self) -> dict[tuple[int, int], int]:
+        if self.mode != "full":
+            return {}
+        return {(k.value >> 32, k.value & 0xFFFFFFFF): v.value
+                for k, v in self._bpf["uffd_events"].items()}
+
+    def run_stats(self) -> tuple[int, int]:
+        """Total (run_time_ns, run_cnt) of this backend's BPF programs."""
+        total_ns = total_cnt = 0
+        for fn in self._bpf.funcs.values():
+            ns, cnt = prog_run_stats(fn.fd)
+            total_ns += ns
+            total_cnt += cnt
+        return total_ns, total_cnt
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None

@@ -1,0 +1,129 @@
+"""A tracing session: backend -> assembler -> sinks, drained on a timer until told to stop.
+
+Data flows one way. The session owns clean-up: BPF programs are detached, kernel settings
+restored and the sinks closed on every way out (end of command, duration, Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from uffdtrace.pipeline import Assembler
+from uffdtrace.probes.bpfstats import BpfStats
+from uffdtrace.probes.calibration import calibrate, load_call_sites
+from uffdtrace.probes.paths import PathClassifier
+from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
+from uffdtrace.sinks import Sink
+from uffdtrace.summary import FaultStats
+from uffdtrace.targets import uffd_holders, uffd_inodes
+
+DRAIN_INTERVAL_S = 0.05
+RESCAN_INTERVAL_S = 1.0
+
+
+@dataclass
+class Session:
+    mode: str
+    scope: TraceScope
+    sinks: list[Sink]
+    stats: FaultStats = field(default_factory=FaultStats)
+    startup_s: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _bpf_stats: BpfStats = field(default_factory=BpfStats)
+    backend: TracepointBackend | None = None
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self._cpu0 = _cpu_s()
+        self._me = os.getpid()
+        self._wall0 = t0
+        self._bpf_stats.enable()
+        backend = TracepointBackend(self.mode, self.scope)
+        backend.start()
+        self.backend = backend
+        self._add_handlers()
+        call_sites = load_call_sites() or calibrate(self.backend)["call_sites"]
+        classifier = PathClassifier(self.backend.region_frames, call_sites)
+        self.assembler = Assembler(self.mode, classifier)
+        self.startup_s = time.monotonic() - t0
+
+    def _add_handlers(self) -> None:
+        """Processes that hold a traced process's userfaultfd are its handlers: trace them too."""
+        if self.scope.all:
+            return
+        known = self.backend.tracked()
+        inodes = set().union(*(uffd_inodes(p) for p in known))
+        for pid in uffd_holders(inodes) - known.keys():
+            self.backend.track(pid, role=2)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, until: Callable[[], bool] = lambda: False, duration_s: float | None = None) -> None:
+        """Drain until stop(), `until()` or the duration; then drain what is left."""
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        next_scan = time.monotonic() + RESCAN_INTERVAL_S
+        while not self._stop.is_set():
+            if until() or (deadline is not None and time.monotonic() >= deadline):
+                break
+            self._stop.wait(DRAIN_INTERVAL_S)
+            self.poll()
+            if time.monotonic() >= next_scan:
+                self._add_handlers()
+                next_scan = time.monotonic() + RESCAN_INTERVAL_S
+        self.poll()
+
+    def poll(self) -> None:
+        raw = self.backend.drain()
+        self._emit(self.assembler.feed(raw[raw["pid"] != self._me]))  # never trace ourselves
+
+    def _emit(self, batch) -> None:
+        if batch.empty:
+            return
+        self.stats.write(batch)
+        for sink in self.sinks:
+            sink.write(batch)
+
+    def close(self) -> dict:
+        """Flush, detach, restore; return the summary's tracer-side numbers."""
+        info: dict = {}
+        try:
+            if self.backend is not None:
+                self.poll()
+                self._emit(self.assembler.finish())
+                run_ns, run_cnt = self.backend.run_stats()
+                info = {
+                    "lost": self.backend.lost(),
+                    "stall_hist": self.backend.histogram("stall").tolist(),
+                    "continue_hist": self.backend.histogram("continue").tolist(),
+                    "bpf_run_ns": run_ns,
+                    "bpf_run_cnt": run_cnt,
+                    "uffd_events": self.backend.uffd_event_counts(),
+                    "registers": self.assembler.register_ranges,
+                }
+        finally:
+            for sink in self.sinks:
+                sink.close()
+            if self.backend is not None:
+                self.backend.close()
+            self._bpf_stats.restore()
+        info["tracer_cpu_s"] = _cpu_s() - self._cpu0
+        info["wall_s"] = time.monotonic() - self._wall0
+        return info
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def stop_on_signals(session: Session) -> None:
+    """Ctrl-C and SIGTERM end the session cleanly instead of killing it mid-write."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: session.stop())

@@ -1,0 +1,103 @@
+"""What to trace: existing processes, the handlers that hold their userfaultfds, or a command
+started under the tracer."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+from uffdtrace.errors import UserError
+
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+def check_pids(pids: Iterable[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        if pid <= 0 or not Path(f"/proc/{pid}").is_dir():
+            raise UserError(f"no process with pid {pid}")
+        out.append(pid)
+    return out
+
+
+def uffd_inodes(pid: int) -> set[int]:
+    """Inodes of the userfaultfds a process holds (each uffd has its own anon inode)."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        entries = list(fd_dir.iterdir())
+    except OSError:
+        return inodes
+    for fd in entries:
+        try:
+            if os.readlink(fd) == UFFD_LINK:
+                inodes.add(fd.stat().st_ino)
+        except OSError:
+            continue
+    return inodes
+
+
+def uffd_holders(inodes: set[int]) -> set[int]:
+    """Every process holding one of these userfaultfds (e.g. a handler that received it over
+    a unix socket)."""
+    if not inodes:
+        return set()
+    holders = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and uffd_inodes(int(proc.name)) & inodes:
+            holders.add(int(proc.name))
+    return holders
+
+
+class LaunchedCommand:
+    """A command forked now but exec'd only after `release()`, so tracing sees its first fault."""
+
+    def __init__(self, argv: list[str]) -> None:
+        if not argv:
+            raise UserError("no command given after --")
+        read_fd, self._go = os.pipe()
+        err_read, err_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child
+            os.close(self._go)
+            os.close(err_read)
+            os.set_inheritable(err_write, False)
+            os.read(read_fd, 1)
+            try:
+                os.execvp(argv[0], argv)
+            except OSError as e:
+                os.write(err_write, f"{argv[0]}: {e.strerror}".encode())
+            os._exit(127)
+        os.close(read_fd)
+        os.close(err_write)
+        self._err = err_read
+        self.returncode: int | None = None
+
+    def release(self) -> None:
+        """Let the child exec; raise UserError if the exec failed."""
+        os.write(self._go, b"x")
+        os.close(self._go)
+        msg = os.read(self._err, 512)
+        os.close(self._err)
+        if msg:
+            self.wait()
+            raise UserError(f"cannot run {msg.decode()}")
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
