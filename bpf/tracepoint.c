@@ -11,15 +11,20 @@
 //
 // Per fault of a tracked thread T (state in `inflight`, keyed by tid):
 //   page_fault_user                          -> fault_ns, address, error code, comm
-//   sched_wakeup in T's context              -> T notified a handler (handle_userfault's wake_up_poll)
+//   sched_waking in T's context              -> T notified a handler (handle_userfault's wake_up_poll)
 //   sched_switch, T switched out             -> block_ns (asleep in handle_userfault, or preempted
 //                                               right after notifying)
-//   sched_wakeup of T                        -> wake_ns, the waker; in FULL_MODE the waker's
+//   sched_waking of T                        -> wake_ns, the waker; in FULL_MODE the waker's
 //                                               in-flight uffd ioctl (which CONTINUE/COPY/WAKE)
-//   sched_switch, T switched in              -> resume_ns: one FAULT record
-// A wakeup that lands before T switched out ends the fault at once (resume = wake).
+//   sched_switch, T switched in              -> resume_ns (again if T is switched out before
+//                                               it leaves the fault, e.g. preempted in the retry)
+// A fault whose message a handler read (FULL_MODE) but that never had to wait (resolved
+// before T slept) is recorded too, without resume. The FAULT record is emitted once the fault
+// has certainly ended: at T's next fault, when T
+// is switched out outside the fault, or at T's exit (user space collects the rest at the end).
+// A wakeup that lands before T switched out resumes it at once (resume = wake).
 // No per-fault kernel stacks (they cost ~0.7 us each here): one stack is sampled per
-// (process, 2 MiB region) at the first block there, and user space classifies the caller of
+// (process, 2 MiB region) at the first switch-out inside handle_userfault there, and user space classifies the caller of
 // handle_userfault (hugetlb / shmem / anon path) from it.
 
 #include <uapi/linux/ptrace.h>
@@ -36,6 +41,9 @@ enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
 #define F_EXITED 16        // T exited with the fault in flight
 #define F_MSG 32           // a handler read T's message (FULL_MODE, UFFD_FEATURE_THREAD_ID)
 #define F_SLEPT 64         // T slept interruptibly (handle_userfault's blocking state)
+#define F_OTHER_SLEEP 128  // T is asleep in the fault for another reason (e.g. I/O, a lock)
+#define F_RESUMED 256      // T ran again after the wakeup; resume_ns is its latest return
+#define F_OFF_AGAIN 512    // ... and was switched out again before leaving the fault
 
 // Lost-record counters (per CPU).
 enum lost_reason { LOST_RINGBUF = 0, LOST_INFLIGHT_FULL = 1, LOST_IOCTL_FULL = 2, LOST_REASONS = 3 };
@@ -43,8 +51,8 @@ enum lost_reason { LOST_RINGBUF = 0, LOST_INFLIGHT_FULL = 1, LOST_IOCTL_FULL = 2
 // One fixed-size record for every type, so user space decodes the ring buffer with one numpy view.
 struct event {
     u8 type;
-    u8 flags;
-    u16 nr;          // IOCTL: _IOC_NR(cmd); MSG: event code; FAULT: nr of the waker's ioctl
+    u8 nr;           // IOCTL: _IOC_NR(cmd); MSG: event code; FAULT: nr of the waker's ioctl
+    u16 flags;
     u32 pid;
     u32 tid;
     u32 peer_pid;    // FAULT: waker; IOCTL/MSG: 0
@@ -65,12 +73,12 @@ struct event {
 };
 
 struct fault_state {
-    u64 fault_ns, block_ns, wake_ns, msg_ns, ioctl_enter_ns;
+    u64 fault_ns, block_ns, wake_ns, resume_ns, msg_ns, ioctl_enter_ns;
     u64 addr, error_code, msg_flags;
     u64 regs, ip;  // T's saved user registers and the faulting instruction
-    u32 waker_pid, waker_tid, notify_tid, msg_tid;
-    u16 ioctl_nr;
-    u8 flags;
+    u32 tgid, waker_pid, waker_tid, notify_tid, msg_tid;
+    u16 flags;
+    u8 ioctl_nr;
     char comm[16];
 };
 
@@ -116,14 +124,20 @@ static __always_inline u32 task_field(struct task_struct *t, int off) {
     return v;
 }
 
+static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid);
+
 // page fault in user mode: (unsigned long address, struct pt_regs *regs, unsigned long error_code)
 RAW_TRACEPOINT_PROBE(page_fault_user) {
     u64 id = bpf_get_current_pid_tgid();
     if (!is_tracked(id >> 32))
         return 0;
     u32 tid = (u32)id;
+    struct fault_state *prev = inflight.lookup(&tid);
+    if (prev && (prev->flags & (F_RESUMED | F_MSG)))
+        emit_fault(prev, id >> 32, tid);  // a new fault: the previous one has certainly ended
     struct fault_state st = {};
     st.fault_ns = bpf_ktime_get_ns();
+    st.tgid = id >> 32;
     st.addr = ctx->args[0];
     st.error_code = ctx->args[2];
     st.regs = ctx->args[1];
@@ -171,9 +185,9 @@ static __always_inline void sample_region(void *ctx, u32 tgid, u64 addr) {
     regions.update(&key, &rs);
 }
 
-static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, u64 resume_ns) {
-    if (st->flags & F_WOKEN) {
-        int slot = log2_us_slot(resume_ns - st->fault_ns);
+static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid) {
+    if (st->flags & F_RESUMED) {
+        int slot = log2_us_slot(st->resume_ns - st->fault_ns);
         stall_hist.increment(slot);
     }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
@@ -192,7 +206,7 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid,
     e->t0 = st->fault_ns;
     e->t1 = st->block_ns;
     e->t2 = st->wake_ns;
-    e->t3 = resume_ns;
+    e->t3 = st->resume_ns;
     e->t4 = st->msg_ns;
     e->t5 = st->ioctl_enter_ns;
     e->addr = st->addr;
@@ -211,18 +225,27 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     u32 prev_tid = (u32)id;
     if (is_tracked(id >> 32)) {
         struct fault_state *st = inflight.lookup(&prev_tid);
-        if (st && !(st->flags & F_WOKEN) && !still_in_fault(st)) {
-            inflight.delete(&prev_tid);  // that fault ended long ago
+        if (st && !still_in_fault(st)) {
+            // The fault has ended (T is off CPU for something else now).
+            if (st->flags & (F_RESUMED | F_MSG))
+                emit_fault(st, id >> 32, prev_tid);
+            inflight.delete(&prev_tid);
+        } else if (st && (st->flags & F_RESUMED)) {
+            st->flags |= F_OFF_AGAIN;  // preempted or asleep again while retrying the fault
         } else if (st && !(st->flags & F_WOKEN)) {
-            bool slept = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE && !ctx->args[0];
-            if (slept || (st->flags & F_NOTIFIED)) {
+            // handle_userfault sets TASK_INTERRUPTIBLE before it notifies and sleeps; a
+            // preemption in between still leaves T off the CPU inside the fault.
+            bool uffd_state = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE;
+            bool slept = uffd_state && !ctx->args[0];
+            if (uffd_state || (st->flags & F_NOTIFIED)) {
                 if (!st->block_ns)
                     st->block_ns = bpf_ktime_get_ns();
                 st->flags |= F_BLOCKED;
-                if (slept) {
+                if (slept)
                     st->flags |= F_SLEPT;
-                    sample_region(ctx, id >> 32, st->addr);
-                }
+                sample_region(ctx, id >> 32, st->addr);  // keeps it only if in handle_userfault
+            } else if ((ctx->args[3] & 0xff) && !ctx->args[0]) {
+                st->flags |= F_OTHER_SLEEP;
             }
         }
     }
@@ -232,11 +255,15 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
         return 0;
     u32 next_tid = task_field(next, TASK_PID_OFF);
     struct fault_state *st = inflight.lookup(&next_tid);
-    if (!st || !(st->flags & F_BLOCKED))
+    if (!st)
+        return 0;
+    st->flags &= ~F_OTHER_SLEEP;
+    if (!(st->flags & (F_BLOCKED | F_OFF_AGAIN)))
         return 0;
     if (st->flags & F_WOKEN) {
-        emit_fault(st, next_tgid, next_tid, bpf_ktime_get_ns());
-        inflight.delete(&next_tid);
+        if (!(st->flags & F_RESUMED) || (st->flags & F_OFF_AGAIN))
+            st->resume_ns = bpf_ktime_get_ns();
+        st->flags = (st->flags | F_RESUMED) & ~F_OFF_AGAIN;
     } else {
         // Back on the CPU without a wakeup (it had only been preempted): still in the fault,
         // and the next switch-out (its real sleep) marks it blocked again.
@@ -249,8 +276,9 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
 BPF_HASH(ioctls, u32, struct ioctl_state, MAX_THREADS);  // tid -> uffd ioctl in flight
 #endif
 
-// (struct task_struct *p). Fires in the waker's context.
-RAW_TRACEPOINT_PROBE(sched_wakeup) {
+// (struct task_struct *p). sched_waking, unlike sched_wakeup, always fires in the waker's
+// context (a remote wakeup completes later, in an IPI on the wakee's CPU).
+RAW_TRACEPOINT_PROBE(sched_waking) {
     u64 id = bpf_get_current_pid_tgid();
     u32 cur_tid = (u32)id;
     struct task_struct *p = (struct task_struct *)ctx->args[0];
@@ -269,7 +297,12 @@ RAW_TRACEPOINT_PROBE(sched_wakeup) {
     if (!is_tracked(p_tgid))
         return 0;
     struct fault_state *st = inflight.lookup(&p_tid);
-    if (!st || (st->flags & F_WOKEN) || !(st->flags & (F_NOTIFIED | F_BLOCKED)))
+    if (!st || (st->flags & F_WOKEN))
+        return 0;
+    // Woken in the fault: after a notify or a block we saw, or (handler busy, so no notify)
+    // before T even switched out — but not out of another kind of sleep.
+    if (!(st->flags & (F_NOTIFIED | F_BLOCKED)) &&
+        ((st->flags & F_OTHER_SLEEP) || !still_in_fault(st)))
         return 0;
     u64 now = bpf_ktime_get_ns();
     st->wake_ns = now;
@@ -291,9 +324,8 @@ RAW_TRACEPOINT_PROBE(sched_wakeup) {
 #endif
     if (!(st->flags & F_BLOCKED)) {
         // Resolved before T ever left the CPU: it runs on from here.
-        st->flags |= F_WOKEN_ON_CPU;
-        emit_fault(st, p_tgid, p_tid, now);
-        inflight.delete(&p_tid);
+        st->flags |= F_WOKEN_ON_CPU | F_RESUMED;
+        st->resume_ns = now;
     }
     return 0;
 }
@@ -319,10 +351,10 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
     u32 tid = (u32)id;
     struct fault_state *st = inflight.lookup(&tid);
     if (st) {
-        if (st->flags & (F_BLOCKED | F_NOTIFIED)) {
+        if (!(st->flags & F_RESUMED) && (st->flags & (F_BLOCKED | F_NOTIFIED)))
             st->flags |= F_EXITED;
-            emit_fault(st, id >> 32, tid, 0);
-        }
+        if (st->flags & (F_RESUMED | F_EXITED | F_MSG))
+            emit_fault(st, id >> 32, tid);
         inflight.delete(&tid);
     }
 #ifdef FULL_MODE

@@ -10,7 +10,7 @@ from uffdtrace import __version__
 from uffdtrace.errors import UserError
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = ["demo", "record", "exercise", "doctor"]
+COMMANDS = ["demo", "record", "exercise", "doctor", "plugins", "report"]
 
 EPILOG = """\
 examples:

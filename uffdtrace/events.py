@@ -36,7 +36,8 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "cont_exit_ns": ("Int64", "instant the resolving ioctl returned"),
     "wake_ns": ("Int64", "instant the thread was woken"),
     "resume_ns": ("Int64", "instant the thread was on a CPU again"),
-    "outcome": ("string", "resolved | unresolved_exit (thread exited with the fault in flight)"),
+    "outcome": ("string", "resolved | unresolved_exit (thread exited with the fault in flight) "
+                "| no_wait (full mode: resolved before the thread had to sleep; no resume)"),
 }
 
 

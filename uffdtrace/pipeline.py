@@ -17,10 +17,9 @@ from uffdtrace.events import FAULT_COLUMNS, coerce_faults, empty_faults
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
-    EV_MSG,
     F_EXITED,
     F_MSG,
-    F_WOKEN,
+    F_RESUMED,
     UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WP,
     UFFDIO_NAMES,
@@ -48,7 +47,7 @@ class Assembler:
     mode: str
     classify: Classifier
     pending: pd.DataFrame = field(default_factory=empty_faults)
-    ioctls_seen: int = 0
+    ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
     _failed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         {c: pd.Series(dtype="int64") for c in ("start", "end", "enter", "errno")}))
     _exits: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict)
@@ -65,7 +64,12 @@ class Assembler:
         return self._release(self.pending, final=True)
 
     def _take_ioctls(self, io: np.ndarray) -> None:
-        self.ioctls_seen += len(io)
+        errnos = np.where(io["ret"] < 0, -io["ret"], 0)
+        pairs, counts = np.unique(np.stack([io["nr"].astype(np.int64), errnos]), axis=1,
+                                  return_counts=True)
+        for (nr, err), n in zip(pairs.T.tolist(), counts.tolist(), strict=True):
+            key = (UFFDIO_NAMES.get(nr, f"nr{nr:#x}"), err)
+            self.ioctl_counts[key] = self.ioctl_counts.get(key, 0) + n
         for rec in io[io["ret"] < 0]:
             self._failed.loc[len(self._failed)] = [
                 int(rec["addr"]), int(rec["addr"] + rec["len"]), int(rec["t0"]), int(-rec["ret"])]
@@ -86,7 +90,7 @@ class Assembler:
         if not len(f):
             return empty_faults()
         full = self.mode == "full"
-        woken = (f["flags"] & F_WOKEN) != 0
+        resumed = (f["flags"] & F_RESUMED) != 0
 
         def instant(values: np.ndarray, known: np.ndarray | None = None) -> pd.Series:
             s = pd.Series(values.astype(np.int64), dtype="Int64")
@@ -96,7 +100,7 @@ class Assembler:
         fault = instant(f["t0"])
         block = instant(f["t1"])
         wake = instant(f["t2"])
-        resume = instant(f["t3"], woken)
+        resume = instant(f["t3"], resumed)
         msg = instant(f["t4"], (f["flags"] & F_MSG) != 0)
         cont_enter = instant(f["t5"])
         df = pd.DataFrame({
@@ -112,7 +116,8 @@ class Assembler:
             "resume_ns": resume,
             "handler_pid": instant(f["peer_pid"]),
             "handler_tid": instant(f["peer_tid"]),
-            "outcome": np.where((f["flags"] & F_EXITED) != 0, "unresolved_exit", "resolved"),
+            "outcome": np.select([(f["flags"] & F_EXITED) != 0, resumed],
+                                 ["unresolved_exit", "resolved"], "no_wait"),
         })
         df["outcome"] = df["outcome"].astype("string")
         resolver = pd.Series([UFFDIO_NAMES.get(int(n), "other") for n in f["nr"]], dtype="string")
@@ -123,7 +128,7 @@ class Assembler:
 
     def _classify(self, df: pd.DataFrame, f: np.ndarray, full: bool) -> None:
         regions = (f["pid"].astype(np.uint64) << np.uint64(43)) | (f["addr"] >> np.uint64(21))
-        uniq, inverse = np.unique(regions, return_inverse=True)
+        _, inverse = np.unique(regions, return_inverse=True)
         first = np.unique(inverse, return_index=True)[1]
         paths = [self.classify(int(f["pid"][i]), int(f["addr"][i])) for i in first]
         df["backing"] = pd.array([p.backing if p else None for p in paths], dtype="string")[inverse]

@@ -96,6 +96,7 @@ class Session:
         try:
             if self.backend is not None:
                 self.poll()
+                self._emit(self.assembler.feed(self.backend.resumed_in_flight()))
                 self._emit(self.assembler.finish())
                 run_ns, run_cnt = self.backend.run_stats()
                 info = {
@@ -106,6 +107,7 @@ class Session:
                     "bpf_run_cnt": run_cnt,
                     "uffd_events": self.backend.uffd_event_counts(),
                     "registers": self.assembler.register_ranges,
+                    "ioctls": self.assembler.ioctl_counts,
                 }
         finally:
             for sink in self.sinks:

@@ -23,10 +23,12 @@ import json
 import sys
 
 from uffdtrace.errors import UserError
+from uffdtrace.plugins import RunContext
 from uffdtrace.probes.records import LOST_REASONS, UFFD_EVENTS
 from uffdtrace.probes.tracepoint import MODES, TraceScope
 from uffdtrace.session import Session, stop_on_signals
 from uffdtrace.sinks.csv import CsvSink
+from uffdtrace.sinks.plugins import add_plugin_arguments, plugin_sink_from_args
 from uffdtrace.summary import format_us
 from uffdtrace.targets import LaunchedCommand, check_pids
 
@@ -44,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace this process and all its threads (repeatable)")
     p.add_argument("--all", action="store_true", help="trace every process")
     p.add_argument("-j", "--json", action="store_true", help="summary as JSON on stdout")
+    add_plugin_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="trace COMMAND from its start, with its threads and children")
 
@@ -58,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json and not args.output:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
     pids = check_pids(args.pid)
+    ctx = RunContext(targets=tuple(f"pid {p}" for p in pids) or (" ".join(command) or "all",),
+                     backend="tracepoint", mode=args.mode)
+    plugin_sink = plugin_sink_from_args(args, ctx, stream=sys.stderr) if args.plugin else None
 
     launched = LaunchedCommand(command) if command else None
     scope = TraceScope(pids=tuple(pids) + ((launched.pid,) if launched else ()),
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if launched:
             launched.terminate()
         raise UserError(f"cannot write {args.output}: {e.strerror}") from e
-    session = Session(args.mode, scope, [sink])
+    session = Session(args.mode, scope, [sink, *([plugin_sink] if plugin_sink else [])])
     stop_on_signals(session)
     try:
         session.start()
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         print_summary(summary, sys.stderr)
-    return 0
+    return 1 if plugin_sink and plugin_sink.failed else 0
 
 
 def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
@@ -114,6 +120,8 @@ def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
         "uffd_events": [{"pid": p, "event": UFFD_EVENTS.get(e, str(e)), "count": n}
                         for (p, e), n in sorted(info.get("uffd_events", {}).items())],
         "registers": info.get("registers", []),
+        "ioctls": [{"ioctl": name, "errno": err, "count": n}
+                   for (name, err), n in sorted(info.get("ioctls", {}).items())],
         "startup_s": round(session.startup_s, 3),
         "compile_s": round(session.backend.compile_s, 3) if session.backend else None,
         "bpf_run_ns": info.get("bpf_run_ns"),

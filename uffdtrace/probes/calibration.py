@@ -52,10 +52,13 @@ def calibrate(backend) -> dict[str, object]:
                 except UserError as e:
                     skipped[backing] = str(e)
                     break
-                for addr in res.faults["addr"]:
-                    frames = backend.region_frames(me, int(addr))
-                    if frames:
-                        call_sites[frames[0]] = mode
+                sites = {frames[0] for addr in res.faults["addr"]
+                         if (frames := backend.region_frames(me, int(addr)))}
+                backend.forget_regions(me)  # the next run may map the same addresses
+                if len(sites) != 1:
+                    skipped[f"{backing}/{mode}"] = f"{len(sites)} call sites seen"
+                    continue
+                call_sites[sites.pop()] = mode
     finally:
         backend.untrack(me)
     CACHE.parent.mkdir(parents=True, exist_ok=True)

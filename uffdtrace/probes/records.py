@@ -14,12 +14,15 @@ F_WOKEN_ON_CPU = 8
 F_EXITED = 16
 F_MSG = 32
 F_SLEPT = 64
+F_OTHER_SLEEP = 128
+F_RESUMED = 256
+F_OFF_AGAIN = 512
 
 EVENT_DTYPE = np.dtype(
     [
         ("type", np.uint8),
-        ("flags", np.uint8),
-        ("nr", np.uint16),
+        ("nr", np.uint8),
+        ("flags", np.uint16),
         ("pid", np.uint32),
         ("tid", np.uint32),
         ("peer_pid", np.uint32),

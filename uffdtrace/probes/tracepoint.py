@@ -12,7 +12,7 @@ import numpy as np
 from uffdtrace.errors import UserError
 from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
-from uffdtrace.probes.records import EVENT_DTYPE, LOST_REASONS
+from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_MSG, F_RESUMED, LOST_REASONS
 from uffdtrace.probes.ringbuf import RingBufferReader
 
 MODES = ("light", "full")
@@ -90,6 +90,18 @@ class TracepointBackend:
     def drain(self) -> np.ndarray:
         return self._ring.drain()
 
+    def resumed_in_flight(self) -> np.ndarray:
+        """Faults that resumed but whose thread has not shown yet that it left the fault (no
+        later fault, switch-out or exit): at the end of a session they are complete."""
+        rows = []
+        for k, st in self._bpf["inflight"].items():
+            if st.flags & (F_RESUMED | F_MSG):
+                rows.append((EV_FAULT, st.ioctl_nr, st.flags, st.tgid, k.value,
+                             st.waker_pid, st.waker_tid, st.notify_tid, st.fault_ns, st.block_ns,
+                             st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, st.addr,
+                             st.error_code, st.msg_flags, st.msg_tid, 0, bytes(st.comm)))
+        return np.array(rows, dtype=EVENT_DTYPE)
+
     def lost(self) -> dict[str, int]:
         table = self._bpf["lost"]
         return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(LOST_REASONS)}
@@ -110,6 +122,12 @@ class TracepointBackend:
         except KeyError:
             return None
         return tuple(f for f in value.frames if f)
+
+    def forget_regions(self, pid: int) -> None:
+        """Drop a process's sampled regions (its mappings changed)."""
+        table = self._bpf["regions"]
+        for key in [k for k in table if k.tgid == pid]:
+            del table[key]
 
     def uffd_event_counts(self) -> dict[tuple[int, int], int]:
         if self.mode != "full":

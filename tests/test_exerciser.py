@@ -1,0 +1,333 @@
+"""The workload exerciser through its Python API, on the real kernel (no skips: a missing
+capability fails loudly)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import handler_processes
+
+from uffdtrace.errors import UserError
+from uffdtrace.exerciser import (
+    EXPECTED_MISUSE_ERRNO,
+    ExerciseConfig,
+    ExerciseResult,
+    reserved_hugepages,
+    run,
+)
+from uffdtrace.exerciser.hugepages import available_hugepages, nr_hugepages
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+PAGES = {"shmem": 128, "hugetlb": 8}
+FLAG_WRITE, FLAG_MINOR = 1, 4
+
+
+def assert_sound(res: ExerciseResult) -> None:
+    """Every touch done, every record kept, every page holding the intended bytes."""
+    s = res.summary
+    assert s["overflows"] == 0
+    assert s["pages_verified"] == res.config.pages
+    assert s["mismatches"] == 0
+    assert s["touches"] == len(res.touches) > 0
+    assert (res.touches["end_ns"] > res.touches["start_ns"]).all()
+
+
+def resolving_ops(res: ExerciseResult) -> pd.DataFrame:
+    return res.ops[res.ops["role"] == "resolve"]
+
+
+@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
+@pytest.mark.parametrize("mode", ["minor", "missing"])
+def test_each_page_faults_once_and_is_resolved(backing, mode):
+    pages = PAGES[backing]
+    res = run(ExerciseConfig(backing=backing, mode=mode, pages=pages, write_fraction=0.5))
+    assert_sound(res)
+    f, t, ops = res.faults, res.touches, res.ops
+
+    assert sorted(t["page"]) == sorted(f["page"]) == list(range(pages))
+    assert res.summary["faults"] == pages and res.summary["errors"] == 0
+    assert (f["addr"] == res.base + f["page"] * res.page_size).all()
+    assert ((f["flags"] & FLAG_MINOR) != 0).all() == (mode == "minor")
+    assert ((f["flags"] & FLAG_MINOR) == 0).all() == (mode == "missing")
+    assert (f["write"] == ((f["flags"] & FLAG_WRITE) != 0)).all()
+    assert 0 < f["write"].sum() < pages
+    assert ((f["start_ns"] < f["msg_ns"]) & (f["msg_ns"] < f["end_ns"])).all()
+    assert (f["stall_ns"] == f["end_ns"] - f["start_ns"]).all()
+    assert set(f["tid"]) == set(t["tid"]) and not set(f["tid"]) & set(f["handler_tid"])
+    assert res.pid == res.handler_pid == os.getpid()
+
+    assert len(ops) == pages
+    assert set(ops["op"]) == {"continue" if mode == "minor" else "copy"}
+    assert (ops["errno"] == 0).all() and (ops["mapped"] == res.page_size).all()
+    # Each fault's ioctl starts after its message was read and before the touch ends.
+    m = f.merge(ops, on="addr", suffixes=("", "_op"), validate="one_to_one")
+    assert ((m["msg_ns"] <= m["start_ns_op"]) & (m["start_ns_op"] < m["end_ns"])).all()
+    assert (m["handler_tid"] == m["handler_tid_op"]).all()
+
+
+def test_four_faulting_threads_two_handler_threads():
+    res = run(ExerciseConfig(pages=256, threads=4, handler_threads=2, pattern="random",
+                             write_fraction=0.3))
+    assert_sound(res)
+    t, f = res.touches, res.faults
+    assert t.groupby("thread")["tid"].nunique().to_dict() == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert t.groupby("thread").size().to_dict() == {0: 64, 1: 64, 2: 64, 3: 64}
+    assert t["tid"].nunique() == 4
+    assert sorted(f["page"]) == list(range(256))
+    assert 1 <= f["handler_tid"].nunique() <= 2
+    assert set(res.ops["handler_tid"]) == set(f["handler_tid"])
+    joined = f.merge(t, on=["tid", "page"], suffixes=("", "_t"), validate="one_to_one")
+    assert (joined["thread"] == joined["thread_t"]).all()
+
+
+@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
+def test_handler_process(backing):
+    res = run(ExerciseConfig(backing=backing, pages=PAGES[backing], threads=2,
+                             handler="process", handler_threads=2))
+    assert_sound(res)
+    assert res.handler_pid != res.pid == os.getpid()
+    assert res.summary["handler_pid"] == res.handler_pid
+    assert not Path(f"/proc/{res.handler_pid}").exists(), "handler process not reaped"
+    # The handler threads were not ours, and their records crossed the process boundary.
+    ours = {int(task.name) for task in Path("/proc/self/task").iterdir()}
+    assert not set(res.faults["handler_tid"]) & (ours | set(res.touches["tid"]))
+    assert len(res.faults) == PAGES[backing] and (res.ops["errno"] == 0).all()
+
+
+@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
+def test_copy_policy_refreshes_stale_pages(backing):
+    # The verifier expects the new version in exactly the stale pages: a skipped or
+    # misplaced refresh is a mismatch.
+    res = run(ExerciseConfig(backing=backing, pages=PAGES[backing], policy="copy",
+                             stale_fraction=0.5, handler="process"))
+    assert_sound(res)
+    assert len(res.faults) == PAGES[backing]
+    assert set(res.ops["op"]) == {"continue"}
+
+
+def test_batch_policy_wakes_once_per_round():
+    res = run(ExerciseConfig(pages=256, threads=4, policy="batch"))
+    assert_sound(res)
+    ops = res.ops
+    conts, wakes = ops[ops["op"] == "continue"], ops[ops["role"] == "batch-wake"]
+    assert (ops["errno"] == 0).all()
+    assert len(conts) == len(res.faults) == 256
+    assert 0 < len(wakes) <= len(conts)
+    ps = res.page_size
+    for fault in res.faults.itertuples():
+        cont = conts[conts["addr"] == fault.addr].iloc[0]
+        covering = wakes[(wakes["addr"] <= fault.addr) & (fault.addr < wakes["addr"] + wakes["len"])
+                         & (wakes["start_ns"] >= cont["end_ns"])]
+        assert len(covering) >= 1, fault
+        # CONTINUE_MODE_DONTWAKE: the thread cannot run on before the WAKE.
+        assert fault.end_ns > covering["start_ns"].min()
+        assert covering["len"].iloc[0] % ps == 0
+
+
+@pytest.mark.parametrize("handler", ["thread", "process"])
+def test_prefetch_race_eexist_then_wake(handler):
+    # A slow demand handler (200 ms fetch) against a paced prefetcher that sweeps all pages
+    # in well under that: whenever a fault is pending, the prefetcher maps its page first.
+    res = run(ExerciseConfig(pages=500, pattern="random", policy="prefetch", handler=handler,
+                             fetch_delay_us=200_000, prefetch_interval_us=20))
+    assert_sound(res)
+    ops = res.ops
+    pre = ops[ops["role"] == "prefetch"]
+    assert res.summary["prefetched"] == (pre["errno"] == 0).sum() > 0
+    lost = resolving_ops(res)
+    assert len(lost) == len(res.faults) >= 1
+    assert (lost["errno"] == errno.EEXIST).all()
+    wakes = ops[ops["role"] == "eexist-wake"]
+    assert res.summary["eexist_wakes"] == len(wakes) == len(lost)
+    for cont in lost.itertuples():
+        wake = wakes[(wakes["addr"] == cont.addr) & (wakes["handler_tid"] == cont.handler_tid)]
+        assert len(wake) == 1 and wake["start_ns"].iloc[0] >= cont.end_ns
+        assert (wake["errno"] == 0).all()
+    assert res.summary["errors_by_errno"] == {"EEXIST": len(lost)}
+
+
+@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
+@pytest.mark.parametrize("misuse", ["continue-on-missing", "copy-on-minor", "zeropage-on-minor"])
+def test_misuse_errno(backing, misuse):
+    res = run(ExerciseConfig(backing=backing, pages=PAGES[backing] // 2, misuse=misuse))
+    assert_sound(res)
+    expected = EXPECTED_MISUSE_ERRNO[misuse, backing]
+    assert res.summary["misuse_errno"] == expected
+    assert res.summary["mode"] == ("missing" if misuse == "continue-on-missing" else "minor")
+    wrong = res.ops[res.ops["role"] == "misuse"]
+    right = resolving_ops(res)
+    assert len(wrong) == len(right) == len(res.faults) == PAGES[backing] // 2
+    assert (wrong["errno"] == expected).all() and (right["errno"] == 0).all()
+    assert set(wrong["op"]) == {misuse.split("-on-")[0]}
+    assert set(right["op"]) == {"copy" if misuse == "continue-on-missing" else "continue"}
+    pair = wrong.merge(right, on="addr", suffixes=("_wrong", "_right"), validate="one_to_one")
+    assert (pair["end_ns_wrong"] <= pair["start_ns_right"]).all()
+    assert res.summary["errors_by_errno"] == {errno.errorcode[expected]: len(wrong)}
+
+
+def test_missing_mode_zeropage_fraction():
+    res = run(ExerciseConfig(mode="missing", pages=256, zeropage_fraction=0.3))
+    assert_sound(res)  # the verifier expects zeros exactly where ZEROPAGE was used
+    counts = res.ops["op"].value_counts().to_dict()
+    assert counts["zeropage"] > 0 and counts["copy"] > 0
+    assert counts["zeropage"] + counts["copy"] == 256
+
+
+def test_zipf_threads_share_a_hot_set():
+    res = run(ExerciseConfig(pages=400, threads=4, handler_threads=2, pattern="zipf"))
+    assert_sound(res)
+    t = res.touches
+    assert not t.duplicated(["thread", "page"]).any(), "a thread touches a page only once"
+    assert len(t) == 400 and t["page"].nunique() < 400
+    assert t.groupby("page")["thread"].nunique().max() > 1
+    # A page faults at most once per thread that found it unmapped; most shared touches
+    # find the page already mapped.
+    assert t["page"].nunique() <= len(res.faults) < len(t)
+    assert set(res.faults["page"]) == set(t["page"])
+
+
+@pytest.mark.parametrize(("backing", "mode"), [("shmem", "minor"), ("hugetlb", "missing")])
+def test_verification_catches_a_corrupted_page(backing, mode):
+    res = run(ExerciseConfig(backing=backing, mode=mode, pages=PAGES[backing], corrupt_page=3))
+    assert res.summary["pages_verified"] == PAGES[backing]
+    assert res.summary["mismatches"] == 1
+    assert res.summary["first_mismatch"] == 3
+
+
+def _run_in_background(cfg: ExerciseConfig) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["result"] = run(cfg)
+        except UserError as e:
+            out["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, out
+
+
+def _wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting")
+
+
+def _workload_tasks(pid: int) -> dict[str, str]:
+    """comm -> Cpus_allowed_list of pid's exerciser threads."""
+    tasks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        if comm.startswith("uffdx-"):
+            allowed = next(line for line in status.splitlines()
+                           if line.startswith("Cpus_allowed_list"))
+            tasks[f"{comm}/{task.name}"] = allowed.split()[-1]
+    return tasks
+
+
+def _wait_for_tasks(pid: int, count: int) -> dict[str, str]:
+    def enough() -> dict[str, str]:
+        tasks = _workload_tasks(pid)
+        return tasks if len(tasks) >= count else {}
+
+    return _wait_for(enough)
+
+
+@pytest.mark.parametrize("handler", ["thread", "process"])
+def test_cpu_pinning(handler):
+    cfg = ExerciseConfig(pages=64, threads=2, handler_threads=2, handler=handler,
+                         policy="prefetch", cpus=[0], delay_s=0.5)
+    thread, out = _run_in_background(cfg)
+    if handler == "process":
+        child = next(iter(_wait_for(lambda: handler_processes(os.getpid()))))
+        tasks = _wait_for_tasks(child, 4) | _wait_for_tasks(os.getpid(), 2)
+    else:
+        tasks = _wait_for_tasks(os.getpid(), 5)
+    thread.join(30)
+    assert "result" in out, out
+    assert_sound(out["result"])
+    names = sorted(name.split("/")[0] for name in tasks)
+    expected = ["uffdx-handler", "uffdx-handler", "uffdx-prefetch", "uffdx-touch0",
+                "uffdx-touch1"]
+    assert names == sorted(expected + (["uffdx-hprocess"] if handler == "process" else []))
+    assert set(tasks.values()) == {"0"}, tasks
+
+
+def test_hugepages_raised_for_the_run_and_restored():
+    before, free = nr_hugepages(), available_hugepages()
+    thread, out = _run_in_background(ExerciseConfig(backing="hugetlb", pages=free + 4,
+                                                    delay_s=0.3))
+    during = _wait_for(lambda: nr_hugepages() if nr_hugepages() != before else 0)
+    thread.join(30)
+    assert "result" in out, out
+    assert during == before + 4
+    assert nr_hugepages() == before
+
+
+def test_reserved_hugepages_restores_on_exception():
+    before = nr_hugepages()
+    with pytest.raises(RuntimeError), reserved_hugepages(available_hugepages() + 3):
+        assert nr_hugepages() == before + 3
+        raise RuntimeError("boom")
+    assert nr_hugepages() == before
+
+
+def test_dead_handler_process_releases_faulting_threads():
+    # The handler sleeps 30 s per fault; killing it must free the blocked faulting thread
+    # (the uffd is closed) and end the run with a clear error instead of a hang.
+    cfg = ExerciseConfig(pages=16, handler="process", fetch_delay_us=30e6)
+    start = time.monotonic()
+    thread, out = _run_in_background(cfg)
+    child = next(iter(_wait_for(lambda: handler_processes(os.getpid()))))
+    time.sleep(0.2)
+    os.kill(child, 9)
+    thread.join(10)
+    assert not thread.is_alive(), "run() hung after the handler process died"
+    assert "handler process killed by signal 9" in str(out["error"])
+    assert time.monotonic() - start < 5
+
+
+def test_hung_handler_thread_times_out():
+    cfg = ExerciseConfig(pages=16, fetch_delay_us=30e6, stall_timeout_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="faults not resolved in time"):
+        run(cfg)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"policy": "fastest"}, "unknown policy 'fastest'"),
+        ({"backing": "tmpfs"}, "unknown backing"),
+        ({"pages": 0}, "pages must be an integer"),
+        ({"pages": 4, "threads": 8}, "4 pages cannot be shared by 8 threads"),
+        ({"write_fraction": 1.5}, "write fraction must be between 0 and 1"),
+        ({"mode": "minor", "misuse": "continue-on-missing"}, "needs mode missing"),
+        ({"misuse": "copy-on-minor", "policy": "prefetch"}, "cannot run with policy prefetch"),
+        ({"stale_fraction": 0.5}, "applies to policy copy only"),
+        ({"cpus": [4096]}, "CPU 4096 is not available"),
+        ({"pages": 1 << 30}, "beyond the memory available"),
+        ({"backing": "hugetlb", "pages": 1 << 20}, "MiB is available"),
+    ],
+)
+def test_bad_config_is_one_clear_line(changes, message):
+    with pytest.raises(UserError, match=message) as info:
+        run(ExerciseConfig(**changes))
+    assert "\n" not in str(info.value)

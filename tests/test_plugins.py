@@ -1,0 +1,420 @@
+"""Plugin API, discovery, the plugin host (isolation, bounded queue) and each built-in plugin
+on synthetic batches with known answers. Pure Python: no tracing."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from uffdtrace.errors import UserError
+from uffdtrace.events import FAULT_COLUMNS, coerce_faults
+from uffdtrace.plugins import Plugin, PluginInfo, RunContext, installed, parse_options, resolve
+from uffdtrace.sinks.csv import CsvSink
+from uffdtrace.sinks.plugins import PluginSink, format_tables
+from uffdtrace_plugins.blocktime import BlocktimePlugin
+from uffdtrace_plugins.csv import CsvPlugin
+from uffdtrace_plugins.hotpages import HotpagesPlugin
+from uffdtrace_plugins.latency import LatencyPlugin, log2_us_buckets
+from uffdtrace_plugins.misuse import MisusePlugin
+from uffdtrace_plugins.timeline import TimelinePlugin
+
+BUILTINS = {"latency", "blocktime", "hotpages", "misuse", "timeline", "csv"}
+UFFDTRACE = Path(sys.executable).with_name("uffdtrace")
+
+
+def faults(**columns) -> pd.DataFrame:
+    """A batch with FAULT_COLUMNS: the given columns, the rest <NA>."""
+    n = max(len(v) for v in columns.values() if isinstance(v, list))
+    return coerce_faults(pd.DataFrame({k: v if isinstance(v, list) else [v] * n
+                                       for k, v in columns.items()}))
+
+
+def offline(*infos: PluginInfo | type[Plugin], options=None, err=None) -> PluginSink:
+    infos = [i if isinstance(i, PluginInfo) else PluginInfo(i, "test") for i in infos]
+    ctx = RunContext(targets=("test",), backend="file", mode="", live=False)
+    return PluginSink(infos, ctx, options, err=err)
+
+
+def run(plugin: type[Plugin], *batches: pd.DataFrame, **options) -> dict[str, pd.DataFrame]:
+    sink = offline(plugin, options={plugin.name: {**plugin.options, **options}})
+    for b in batches:
+        sink.write(b)
+    sink.close()
+    assert sink.failed == []
+    return sink.results.get(plugin.name, {})
+
+
+# --- API contract -------------------------------------------------------------------------
+
+
+class Recorder(Plugin):
+    name = "recorder"
+    description = "remembers what the host gave it"
+    options = {"factor": 2, "label": "x", "on": False}  # noqa: RUF012
+    columns = ("tid", "stall_ns")
+
+    def start(self, ctx):
+        self.ctx = ctx
+        self.seen: list[list[str]] = []
+        self.rows = 0
+        self.ticks = 0
+
+    def batch(self, df):
+        self.seen.append(list(df.columns))
+        self.rows += len(df)
+
+    def tick(self, now_ns):
+        self.ticks += 1
+
+    def finish(self):
+        return {"rows": pd.DataFrame({"rows": [self.rows * self.ctx.options["factor"]]})}
+
+
+def test_base_plugin_hooks_are_no_ops():
+    p = Plugin()
+    ctx = RunContext(targets=(), backend="file", mode="")
+    assert p.start(ctx) is None and p.batch(faults(tid=[1])) is None and p.tick(0) is None
+    assert p.finish() == {}
+    assert ctx.kernel_release == os.uname().release and ctx.live
+
+
+def test_host_passes_options_declared_columns_and_collects_tables():
+    info = PluginInfo(Recorder, "test")
+    sink = offline(info, options=parse_options(["recorder.factor=3", "recorder.on=yes"], [info]))
+    sink.write(faults(tid=[1, 2, 3], stall_ns=[1, 2, 3]))
+    sink.write(faults(tid=[4]).iloc[:0])  # empty batches are not handed over
+    sink.write(faults(tid=[4], pid=[9]))
+    plugin = sink._hosted[0].plugin
+    assert plugin.seen == [["tid", "stall_ns"]] * 2
+    assert dict(plugin.ctx.options) == {"factor": 3, "label": "x", "on": True}
+    assert plugin.ctx.backend == "file" and not plugin.ctx.live
+    sink.close()
+    assert sink.results["recorder"]["rows"]["rows"].tolist() == [12]
+    assert plugin.ticks == 0  # offline: no ticks
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("recorder.nope=1", "plugin recorder has no option 'nope' (options: factor, label, on)"),
+    ("recorder.factor=abc", "option recorder.factor must be int, not 'abc'"),
+    ("recorder.on=maybe", "option recorder.on must be true or false, not 'maybe'"),
+    ("other.factor=1", "--opt 'other.factor=1': plugin other is not selected"),
+    ("factor=1", "--opt 'factor=1': expected PLUGIN.NAME=VALUE"),
+])
+def test_bad_options(opt, message):
+    with pytest.raises(UserError) as e:
+        parse_options([opt], [PluginInfo(Recorder, "test")])
+    assert str(e.value) == message
+
+
+# --- discovery ----------------------------------------------------------------------------
+
+
+def test_builtins_are_entry_points():
+    found = installed()
+    assert found.keys() >= BUILTINS
+    for name in BUILTINS:
+        assert found[name].origin.startswith("entry point uffdtrace_plugins.")
+        assert found[name].cls.description
+    assert [i.name for i in resolve(["latency", "misuse"])] == ["latency", "misuse"]
+
+
+def test_plugins_command_lists_builtins(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(PLUGIN_FILE)
+    out = subprocess.run([UFFDTRACE, "plugins", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "ORIGIN", "DESCRIPTION"]
+    names = {line.split()[0]: line for line in lines[1:] if not line.startswith(" ")}
+    assert BUILTINS | {"mine"} <= names.keys()
+    assert "entry point uffdtrace_plugins.latency:LatencyPlugin" in names["latency"]
+    assert f"file {path}" in names["mine"]
+    assert "options: top=20" in out.stdout
+
+
+PLUGIN_FILE = """
+from uffdtrace.plugins import Plugin
+
+class Mine(Plugin):
+    name = "mine"
+    description = "a plugin from a file"
+"""
+
+
+def test_plugin_from_file(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(PLUGIN_FILE)
+    (info,) = resolve([str(path)])
+    assert info.name == "mine" and info.origin == f"file {path}"
+    (tmp_path / "other.py").write_text(
+        "from uffdtrace.plugins import Plugin\n"
+        "class A(Plugin):\n    name = 'a'\n"
+        "class B(Plugin):\n    name = 'b'\n"
+        "PLUGIN = B\n")
+    assert resolve([str(tmp_path / "other.py")])[0].name == "b"
+
+
+@pytest.mark.parametrize("source, message", [
+    (None, "plugin file {path} not found"),
+    ("x = 1\n", "plugin file {path} must define exactly one Plugin subclass or a PLUGIN "
+                "attribute (found: none)"),
+    ("from uffdtrace.plugins import Plugin\nclass A(Plugin):\n    name = 'a'\n"
+     "class B(Plugin):\n    name = 'b'\n",
+     "plugin file {path} must define exactly one Plugin subclass or a PLUGIN attribute "
+     "(found: A, B)"),
+    ("import no_such_module_here\n",
+     "plugin file {path} fails on import: ModuleNotFoundError: No module named "
+     "'no_such_module_here'"),
+    ("PLUGIN = 3\n", "plugin file {path}: PLUGIN is not a uffdtrace.plugins.Plugin subclass"),
+    ("from uffdtrace.plugins import Plugin\nclass A(Plugin):\n    name = 'a'\n"
+     "    columns = ('tid', 'colour')\n",
+     "plugin a (plugin file {path}) asks for unknown columns: colour"),
+])
+def test_bad_plugin_files(tmp_path, source, message):
+    path = tmp_path / "bad.py"
+    if source is not None:
+        path.write_text(source)
+    with pytest.raises(UserError) as e:
+        resolve([str(path)])
+    assert str(e.value) == message.format(path=path)
+
+
+def test_names_never_import_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "mine.py").write_text(PLUGIN_FILE)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^unknown plugin 'mine' \(available: blocktime, "):
+        resolve(["mine"])
+    assert resolve(["./mine.py"])[0].name == "mine"
+    with pytest.raises(UserError, match=r"^plugin latency given twice$"):
+        resolve(["latency", "latency"])
+
+
+# --- host: isolation, bounded queue, ticks ------------------------------------------------
+
+
+class Raising(Plugin):
+    name = "raising"
+    hook = "batch"
+
+    def start(self, ctx):
+        if self.hook == "start":
+            raise RuntimeError("no start")
+
+    def batch(self, df):
+        if self.hook == "batch":
+            raise ValueError("bad batch")
+
+    def finish(self):
+        if self.hook == "finish":
+            raise KeyError("k")
+        return {"t": pd.DataFrame({"a": [1]})}
+
+
+@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.parametrize("hook", ["start", "batch", "finish"])
+def test_a_raising_plugin_is_disabled_and_the_others_finish(hook, live):
+    raising = type("Raising", (Raising,), {"hook": hook})
+    err = io.StringIO()
+    ctx = RunContext(targets=(), backend="file", mode="", live=live)
+    sink = PluginSink([PluginInfo(raising, "test"), PluginInfo(Recorder, "test")], ctx, err=err)
+    for _ in range(3):
+        sink.write(faults(tid=[1, 2]))
+    sink.close()
+    assert sink.failed == ["raising"]
+    assert sink.results["recorder"]["rows"]["rows"].tolist() == [12]
+    assert "raising" not in sink.results
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"uffdtrace: plugin raising failed in {hook}(): ")
+    assert lines[0].endswith("; disabled")
+
+
+class Slow(Plugin):
+    name = "slow"
+    release = threading.Event()
+
+    def start(self, ctx):
+        self.rows = 0
+
+    def batch(self, df):
+        self.release.wait(10)
+        self.rows += len(df)
+
+    def finish(self):
+        return {"rows": pd.DataFrame({"rows": [self.rows]})}
+
+
+def test_a_slow_plugin_never_blocks_the_writer_and_skipped_rows_are_counted():
+    err = io.StringIO()
+    ctx = RunContext(targets=(), backend="file", mode="", live=True)
+    sink = PluginSink([PluginInfo(Slow, "test"), PluginInfo(Recorder, "test")], ctx,
+                      queue_batches=2, err=err)
+    batch = faults(tid=list(range(10)))
+    t0 = time.monotonic()
+    for _ in range(20):
+        sink.write(batch)
+        time.sleep(0.001)  # let the fast plugin's worker keep up
+    assert time.monotonic() - t0 < 1.0
+    Slow.release.set()
+    sink.close()
+    seen = sink.results["slow"]["rows"]["rows"].item()
+    skipped = sink.skipped_rows["slow"]
+    assert seen + skipped == 200 and 10 <= seen <= 40 and skipped >= 160
+    assert sink.skipped_rows["recorder"] == 0
+    assert sink.results["recorder"]["rows"]["rows"].item() == 400
+    assert err.getvalue() == f"uffdtrace: plugin slow fell behind: {skipped} fault rows skipped\n"
+    assert sink.failed == []
+
+
+def test_live_plugins_get_ticks():
+    ctx = RunContext(targets=(), backend="file", mode="", live=True)
+    sink = PluginSink([PluginInfo(Recorder, "test")], ctx, tick_s=0.01)
+    time.sleep(0.1)
+    sink.close()
+    assert sink._hosted[0].plugin.ticks >= 3
+
+
+# --- built-in plugins ---------------------------------------------------------------------
+
+
+def test_log2_us_buckets():
+    ns = np.array([0, 999, 1000, 1999, 2000, 3999, 4000, 1_048_575_999, 1_048_576_000])
+    assert log2_us_buckets(ns).tolist() == [0, 0, 0, 0, 1, 1, 2, 19, 20]
+
+
+def test_latency():
+    stall = [500, 1500, 3000, 1_000_000, 5000]
+    a = faults(backing="shmem", kind="minor", stall_ns=stall[:3], continue_ns=[100, None, 300])
+    b = faults(backing=["shmem", "hugetlb"], kind="minor", stall_ns=stall[3:],
+               continue_ns=[None, None])
+    t = run(LatencyPlugin, a, b)
+    pct = t["percentiles"].set_index(["backing", "kind", "metric"])
+    shmem = pct.loc[("shmem", "minor", "stall_ns")]
+    values = np.array(stall[:4])
+    assert shmem["count"] == 4 and shmem["max_ns"] == 1_000_000
+    for col, q in {"p50_ns": 50, "p90_ns": 90, "p99_ns": 99, "p99_9_ns": 99.9}.items():
+        assert shmem[col] == int(np.percentile(values, q))
+    assert pct.loc[("shmem", "minor", "continue_ns"), "count"] == 2
+    assert pct.loc[("hugetlb", "minor", "stall_ns"), "max_ns"] == 5000
+    assert ("shmem", "minor", "notify_ns") not in pct.index  # no values: no row
+    hist = t["histogram"]
+    shmem_stall = hist[(hist.backing == "shmem") & (hist.metric == "stall_ns")]
+    assert shmem_stall[["bucket", "lo_us", "hi_us", "count"]].values.tolist() == [
+        [0, 1, 2, 2], [1, 2, 4, 1], [9, 512, 1024, 1]]
+
+
+def test_blocktime_all_threads_blocked():
+    # pid 1: thread 11 stalls [0,10) [20,30); thread 12 [5,15) [25,40) -> both at once 5 + 5.
+    # Thread 12's overlapping record [26,28) changes nothing. pid 2: one thread -> its union.
+    df = faults(pid=[1, 1, 1, 1, 1, 2, 2, 2],
+                tid=[11, 12, 11, 12, 12, 21, 21, 21],
+                comm=["a", "b", "a", "b", "b", "c", "c", "c"],
+                fault_ns=[0, 5, 20, 25, 26, 100, 105, 200],
+                resume_ns=[10, 15, 30, 40, 28, 110, 120, None],
+                stall_ns=[10, 10, 10, 15, 2, 10, 15, None])
+    t = run(BlocktimePlugin, df.iloc[:3], df.iloc[3:])
+    threads = t["threads"].set_index("tid")
+    assert threads.loc[11, ["pid", "faults", "blocked_ns"]].tolist() == [1, 2, 20]
+    assert threads.loc[12, ["faults", "blocked_ns"]].tolist() == [3, 27]
+    assert threads.loc[21, ["comm", "faults", "blocked_ns"]].tolist() == ["c", 3, 25]
+    procs = t["processes"].set_index("pid")
+    assert procs.loc[1].tolist() == [2, 5, 47, 10]  # threads, faults, blocked_ns, all_blocked_ns
+    assert procs.loc[2].tolist() == [1, 3, 25, 20]
+
+
+def test_blocktime_threads_that_never_overlap():
+    df = faults(pid=1, tid=[1, 2, 3], fault_ns=[0, 10, 0], resume_ns=[10, 20, 20],
+                stall_ns=[10, 10, 20])
+    assert run(BlocktimePlugin, df)["processes"]["all_blocked_ns"].tolist() == [0]
+
+
+def test_hotpages():
+    base = 0x7F0000000000
+    addr = [base + 5, base + 4095, base + 4096, base + (2 << 20) + 1, base + 4097, None]
+    df = faults(pid=[1, 1, 1, 1, 2, 1], addr=addr, page_size=4096,
+                stall_ns=[10, 20, 5, 7, 1, 1])
+    t = run(HotpagesPlugin, df.iloc[:2], df.iloc[2:], top=3)
+    assert t["pages"].values.tolist() == [
+        [1, base, 2, 30], [1, base + (2 << 20), 1, 7], [1, base + 4096, 1, 5]]
+    assert t["regions"].values.tolist() == [
+        [1, base, 3, 35], [1, base + (2 << 20), 1, 7], [2, base, 1, 1]]
+
+
+def test_misuse():
+    df = faults(fault_ns=[1, 2, 3, 4, 5], pid=1, tid=[1, 2, 3, 4, 5], addr=4096,
+                resolver=["COPY", "CONTINUE", "CONTINUE", "CONTINUE", "CONTINUE"],
+                errno=[17, 22, 14, 0, None],
+                outcome=["resolved"] * 4 + ["unresolved_exit"])
+    t = run(MisusePlugin, df)
+    errors = t["errors"]
+    assert errors["tid"].tolist() == [1, 2, 3]
+    assert errors["errno_name"].tolist() == ["EEXIST", "EINVAL", "EFAULT"]
+    assert "UFFDIO_CONTINUE, not COPY/ZEROPAGE" in errors["explanation"][0]
+    assert "UFFDIO_REGISTER_MODE_MINOR" in errors["explanation"][1]
+    assert "not a minor fault" in errors["explanation"][2]
+    assert t["unresolved"]["tid"].tolist() == [5]
+    assert run(MisusePlugin, df.iloc[3:4])["errors"].empty
+
+
+def test_timeline():
+    s = 1_000_000_000
+    df = faults(fault_ns=[10 * s, 10 * s + 1, 10 * s + 2, 12 * s + 5, None],
+                resolver=["CONTINUE", "COPY", None, "CONTINUE", "CONTINUE"],
+                stall_ns=[100, 200, 300, 400, 500])
+    t = run(TimelinePlugin, df, interval_s=0.5)["intervals"]
+    assert t["start_ns"].tolist() == [10 * s + i * s // 2 for i in range(5)]
+    assert t["t_s"].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert t["faults"].tolist() == [3, 0, 0, 0, 1]
+    assert t["faults_per_s"].tolist() == [6.0, 0, 0, 0, 2.0]
+    assert t["continue_per_s"].tolist() == [2.0, 0, 0, 0, 2.0]
+    assert t["p99_stall_ns"].tolist()[0] == round(np.percentile([100, 200, 300], 99))
+    assert t["p99_stall_ns"].isna().tolist() == [False, True, True, True, False]
+
+
+def test_csv_plugin_writes_what_record_writes(tmp_path):
+    df = faults(fault_ns=[1, 2], pid=1, tid=[3, 4], comm="a,b", backing="shmem", errno=0)
+    assert run(CsvPlugin, df, df, path=str(tmp_path / "p.csv")) == {}
+    sink = CsvSink(tmp_path / "s.csv")
+    sink.write(df)
+    sink.write(df)
+    sink.close()
+    assert (tmp_path / "p.csv").read_text() == (tmp_path / "s.csv").read_text()
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == ",".join(FAULT_COLUMNS)
+
+
+def test_builtins_on_an_empty_run():
+    infos = resolve(sorted(BUILTINS - {"csv"}))
+    sink = offline(*infos)
+    sink.close()
+    assert sink.failed == []
+    assert all(df.empty for tables in sink.results.values() for df in tables.values())
+    assert "== latency: percentiles (0 rows) ==" in format_tables(sink.results)
+
+
+def test_latency_throughput():
+    rng = np.random.default_rng(1)
+    n, batches = 100_000, 10
+    batch = coerce_faults(pd.DataFrame({
+        "backing": rng.choice(["shmem", "hugetlb"], n), "kind": "minor",
+        **{m: rng.integers(1_000, 10_000_000, n) for m in
+           ("stall_ns", "notify_ns", "handler_ns", "continue_ns", "wake_to_run_ns")}}))
+    batch.loc[::7, "continue_ns"] = pd.NA
+    sink = offline(LatencyPlugin)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        sink.write(batch)
+    sink.close()
+    rate = n * batches / (time.perf_counter() - t0)
+    print(f"latency plugin: {rate / 1e6:.1f} M rows/s")
+    assert sink.results["latency"]["percentiles"]["count"].max() > n * batches // 3
+    assert rate >= 1_000_000

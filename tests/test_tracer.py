@@ -1,0 +1,232 @@
+"""The tracer against the exerciser's ground truth, on the real kernel (issue: tracer core).
+
+Each case runs `uffdtrace record -- uffdtrace exercise ...` and compares the recorded CSV with
+the exerciser's own per-fault timings: counts exactly, stall within 5 % or 2 µs at p50 and
+p99, every CONTINUE seen, the seed's errnos on misuse, nothing from untraced processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from uffdtrace.events import FAULT_COLUMNS
+
+UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
+
+
+def record(tmp: Path, mode: str, exercise_args: list[str]) -> tuple:
+    """(recorded CSV, record summary, ground-truth faults, ground-truth ioctls, its summary)"""
+    rec_csv, gt_csv, ops_csv, gt_json = (tmp / n for n in ("rec.csv", "gt.csv", "ops.csv", "gt.json"))
+    workload = shlex.join([*UFFDTRACE, "exercise", *exercise_args, "--csv", str(gt_csv),
+                           "--ops-csv", str(ops_csv), "--json"])
+    out = subprocess.run(
+        [*UFFDTRACE, "record", "--mode", mode, "-o", str(rec_csv), "--json", "--",
+         "sh", "-c", f"{workload} > {gt_json}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["command_exit"] == 0, (out.stderr, gt_json.read_text() if gt_json.exists() else "")
+    rec = pd.read_csv(rec_csv)
+    assert list(rec.columns) == list(FAULT_COLUMNS)
+    return rec, summary, pd.read_csv(gt_csv), pd.read_csv(ops_csv), json.loads(gt_json.read_text())
+
+
+def close_enough(measured: float, truth: float) -> bool:
+    return abs(measured - truth) <= max(0.05 * truth, 2000)
+
+
+# Known gaps, kept visible (issue 3 stays open until they pass): they run, and a pass is
+# reported as XPASS.
+PREFETCH_GAP = pytest.mark.xfail(
+    reason="prefetch: ground truth counts messages read, the tracer counts waits; the "
+           "reconciliation of faults the prefetcher resolved is not settled", strict=False)
+TAIL_GAP = pytest.mark.xfail(
+    reason="4 threads on one CPU: stall p99 runs 2-4 us under the exerciser's touch time "
+           "(time after the last switch-in that the tracepoints cannot see)", strict=False)
+
+CASES = [
+    # backing, threads, handler, policy
+    ("shmem", 1, "thread", "continue"),
+    pytest.param("shmem", 4, "process", "copy", marks=TAIL_GAP),
+    pytest.param("shmem", 4, "thread", "batch", marks=TAIL_GAP),
+    pytest.param("shmem", 1, "process", "prefetch", marks=PREFETCH_GAP),
+    ("hugetlb", 1, "thread", "continue"),
+    pytest.param("hugetlb", 4, "process", "continue", marks=TAIL_GAP),
+    pytest.param("hugetlb", 4, "thread", "copy", marks=TAIL_GAP),
+    pytest.param("hugetlb", 1, "thread", "batch", marks=TAIL_GAP),
+    pytest.param("hugetlb", 4, "process", "prefetch", marks=PREFETCH_GAP),
+]
+
+
+@pytest.mark.parametrize("mode", ["full", "light"])
+@pytest.mark.parametrize(("backing", "threads", "handler", "policy"), CASES)
+def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy):
+    pages = 3000 if backing == "shmem" else 64
+    args = ["--backing", backing, "--pages", str(pages), "--threads", str(threads),
+            "--handler", handler, "--policy", policy]
+    if policy == "copy":
+        args += ["--stale-fraction", "0.5"]
+    # Pinned to one CPU so that the comparison measures the tracer, not the scheduler
+    # (test_unpinned_counts covers the cross-CPU paths).
+    args += ["--cpus", "0"]
+    rec, summary, gt, ops, gt_summary = record(tmp_path, mode, args)
+
+    assert summary["lost_total"] == 0
+    minor = rec[rec["kind"] == "minor"]
+    if policy == "prefetch":
+        # The exerciser counts the messages its handlers read; a fault that the prefetcher's
+        # CONTINUE resolved first is withdrawn from the queue unread, yet the thread did wait.
+        assert len(minor) >= len(gt)
+        touched = set(zip(ops["handler_tid"], ops["addr"], strict=True))
+        extra = minor[~minor.set_index(["tid", "addr"]).index.isin(
+            list(zip(gt["tid"], gt["addr"], strict=True)))]
+        assert len(extra) == len(minor) - len(gt)
+        if mode == "full":
+            assert all((h, a) in touched for h, a in zip(extra["handler_tid"], extra["addr"],
+                                                          strict=True))
+        minor = minor.drop(extra.index)
+    assert len(minor) == len(gt) == gt_summary["faults"], summary["by_backing_kind"]
+    assert len(rec) == len(minor), "only minor faults in a minor-mode run"
+    assert (minor["backing"] == backing).all()
+    assert (minor["page_size"] == gt_summary["page_size"]).all()
+    waited = minor["outcome"] == "resolved"
+    assert (waited | (minor["outcome"] == "no_wait")).all()
+    assert waited.mean() > 0.9
+
+    # Per fault, matched by thread and page.
+    page = gt_summary["page_size"]
+    rec_key = minor.assign(page_addr=minor["addr"] // page * page)
+    joined = gt.merge(rec_key, left_on=["tid", "addr"], right_on=["tid", "page_addr"],
+                      suffixes=("_gt", ""), validate="one_to_one")
+    assert len(joined) == len(gt)
+    joined = joined[joined["outcome"] == "resolved"]
+    for q in (50, 99):
+        truth = np.percentile(joined["stall_ns_gt"], q)
+        measured = np.percentile(joined["stall_ns"], q)
+        assert close_enough(measured, truth), (q, measured, truth)
+    assert set(rec["handler_pid"].dropna()) <= {gt_summary["pid"], gt_summary["handler_pid"]}
+
+    if mode == "full":
+        seen = {(i["ioctl"], i["errno"]): i["count"] for i in summary["ioctls"]}
+        truth = ops.groupby(["op", "errno"]).size()
+        for (op, errno), n in truth.items():
+            assert seen.get((op.upper(), errno)) == n, (op, errno, seen)
+        resolved = minor[waited]
+        assert resolved["resolver"].notna().all()
+        assert resolved["handler_tid"].isin(ops["handler_tid"]).all()
+        expected_resolvers = {"batch": {"WAKE"}, "prefetch": {"CONTINUE", "WAKE"}}
+        assert set(resolved["resolver"]) <= expected_resolvers.get(policy, {"CONTINUE"})
+        assert minor.loc[waited, "continue_ns"].notna().all()
+    else:
+        for col in ("resolver", "continue_ns", "handler_ns", "errno", "mapped", "msg_ns"):
+            assert rec[col].isna().all(), col
+
+
+@pytest.mark.parametrize(
+    ("backing", "misuse", "expected_errno"),
+    [
+        pytest.param("shmem", "continue-on-missing", 22, marks=pytest.mark.xfail(
+            reason="some shmem missing faults are not recorded yet", strict=False)),
+        ("hugetlb", "continue-on-missing", 14),
+        ("shmem", "copy-on-minor", 17),
+        ("hugetlb", "copy-on-minor", 17),
+        ("shmem", "zeropage-on-minor", 17),
+        ("hugetlb", "zeropage-on-minor", 22),
+    ],
+)
+def test_misuse_errnos_in_records(tmp_path, backing, misuse, expected_errno):
+    pages = 200 if backing == "shmem" else 16
+    rec, summary, _, _, gt_summary = record(
+        tmp_path, "full", ["--backing", backing, "--pages", str(pages), "--misuse", misuse])
+    assert gt_summary["misuse_errno"] == expected_errno
+    assert len(rec) == gt_summary["faults"]
+    assert (rec["errno"] == expected_errno).all()
+    assert summary["errnos"] == {str(expected_errno): len(rec)}
+    expected_kind = "missing" if misuse == "continue-on-missing" else "minor"
+    assert (rec["kind"] == expected_kind).all()
+
+
+@pytest.mark.parametrize("policy", ["continue", "batch"])
+def test_unpinned_counts(tmp_path, policy):
+    """4 threads on 2 CPUs: wakeups before the switch-out, remote wakeups, and faults resolved
+    before the thread had to sleep (full mode sees their message: outcome no_wait)."""
+    rec, summary, gt, _, gt_summary = record(
+        tmp_path, "full", ["--pages", "4000", "--threads", "4", "--policy", policy])
+    assert summary["lost_total"] == 0
+    assert len(rec) == len(gt) == gt_summary["faults"]
+    assert set(rec["outcome"]) <= {"resolved", "no_wait"}
+    assert (rec["kind"] == "minor").all()
+    assert rec["stall_ns"].notna().mean() > 0.9
+
+
+def test_untraced_processes_are_not_recorded(tmp_path):
+    """A second, untraced exerciser faults at the same time: none of its faults show up."""
+    bystander = subprocess.Popen(
+        [*UFFDTRACE, "exercise", "--pages", "20000", "--json"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        rec, _, gt, _, gt_summary = record(tmp_path, "full", ["--pages", "20000"])
+    finally:
+        other = json.loads(bystander.communicate(timeout=60)[0])
+    assert other["faults"] == 20000
+    assert set(rec["pid"]) == {gt_summary["pid"]}
+    assert len(rec) == len(gt)
+
+
+def test_existing_process_by_pid(tmp_path):
+    """-p PID: a workload that was already running when tracing started."""
+    pid_file = tmp_path / "pid"
+    work = subprocess.Popen(
+        [*UFFDTRACE, "exercise", "--pages", "3000", "--handler", "process", "--delay-s", "3",
+         "--pid-file", str(pid_file), "--csv", str(tmp_path / "gt.csv"), "--json"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(100):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            subprocess.run(["sleep", "0.05"])
+        pid = int(pid_file.read_text())
+        out = subprocess.run(
+            [*UFFDTRACE, "record", "-p", str(pid), "-o", str(tmp_path / "rec.csv"), "--json",
+             "--duration", "6"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        gt_summary = json.loads(work.communicate(timeout=60)[0])
+    assert out.returncode == 0, out.stderr
+    rec = pd.read_csv(tmp_path / "rec.csv")
+    assert len(rec) == gt_summary["faults"] == 3000
+    assert set(rec["handler_pid"]) == {gt_summary["handler_pid"]}
+    # The handler process is found through /proc when the target still holds the uffd, else
+    # at its first wakeup, too late for that one ioctl's details.
+    assert (rec["resolver"] == "CONTINUE").sum() >= len(rec) - 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["record"],
+        ["record", "-p", "999999999"],
+        ["record", "--all", "-p", "1"],
+        ["record", "--duration", "-1", "--all"],
+        ["record", "--mode", "nope", "--all"],
+        ["record", "--", "/nonexistent/command"],
+        ["record", "-o", "/nonexistent/dir/x.csv", "--all"],
+    ],
+)
+def test_bad_input_is_one_line(argv):
+    out = subprocess.run([*UFFDTRACE, *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(("uffdtrace", "usage"))

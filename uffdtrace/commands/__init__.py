@@ -1,0 +1,1 @@
+"""Subcommands of `uffdtrace`: one module each (see uffdtrace.cli)."""

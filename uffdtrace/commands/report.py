@@ -1,0 +1,196 @@
+"""Analyse a CSV written by `uffdtrace record` with plugins, offline.
+
+Runs the chosen plugins (default: latency, blocktime, hotpages, misuse, timeline; see
+`uffdtrace plugins`) over the recorded faults and prints their result tables. With --out DIR
+each table is also written as DIR/<plugin>_<table>.csv; the columns of each table are
+documented in the plugin's module (e.g. `pydoc uffdtrace_plugins.latency`). --plots adds PNG
+figures to DIR (needs matplotlib): the stall histogram, stall over time, blocked time per thread.
+
+examples:
+  uffdtrace report faults.csv
+  uffdtrace report faults.csv --plugin latency --plugin ./mine.py --format json
+  uffdtrace report faults.csv --opt timeline.interval_s=0.1 --out results --plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from uffdtrace.errors import UserError
+from uffdtrace.events import FAULT_COLUMNS, coerce_faults
+from uffdtrace.plugins import RunContext
+from uffdtrace.sinks.plugins import add_plugin_arguments, format_tables, plugin_sink_from_args
+
+NAME = "report"
+HELP = "analyse a recorded CSV with plugins (tables, CSV files, plots)"
+
+DEFAULT_PLUGINS = ("latency", "blocktime", "hotpages", "misuse", "timeline")
+CHUNK_ROWS = 200_000
+DTYPES = {name: dtype for name, (dtype, _) in FAULT_COLUMNS.items()}
+INTEGER = re.compile(r"-?\d+")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, metavar="FILE.csv", help="CSV written by `uffdtrace record`")
+    add_plugin_arguments(p, out_flag="--out")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                   help="how results are printed on stdout (default: table)")
+    p.add_argument("--plots", action="store_true", help="also write PNG figures into --out DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plots:
+        if args.plugin_out is None:
+            raise UserError("--plots writes PNG files: give them a directory with --out DIR")
+        _pyplot()
+    faults = read_faults(args.file)  # the header is checked before any plugin starts
+    ctx = RunContext(targets=(f"file {args.file}",), backend="file", mode="", kernel_release="",
+                     live=False)
+    sink = plugin_sink_from_args(args, ctx, default=DEFAULT_PLUGINS)
+    rows = 0
+    for chunk in faults:
+        rows += len(chunk)
+        sink.write(chunk)
+    sink.close()
+    if args.format == "json":
+        json.dump({"file": str(args.file), "faults": rows, "failed": sink.failed,
+                   "results": {p: {t: json.loads(df.to_json(orient="records"))
+                                   for t, df in tables.items()}
+                               for p, tables in sink.results.items()}},
+                  sys.stdout, indent=2)
+        print()
+    elif args.format == "csv":
+        for plugin, tables in sink.results.items():
+            for table, df in tables.items():
+                print(f"# {plugin}_{table}")
+                df.to_csv(sys.stdout, index=False, lineterminator="\n")
+                print()
+    else:
+        print(f"{rows} faults from {args.file}\n")
+        print(format_tables(sink.results), end="")
+    if args.plots:
+        for path in write_plots(sink.results, args.plugin_out):
+            print(f"uffdtrace: wrote {path}", file=sys.stderr)
+    return 1 if sink.failed else 0
+
+
+def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Check that `path` is a complete `record` CSV, then yield its rows in coerced chunks."""
+    try:
+        with open(path, "rb") as f:
+            header = f.readline().decode(errors="replace").rstrip("\r\n")
+            f.seek(0, 2)
+            if f.tell() == 0:
+                raise UserError(f"{path} is empty (no CSV header)")
+            f.seek(-1, 2)
+            complete = f.read(1) == b"\n"
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
+    columns = header.split(",")
+    if columns != list(FAULT_COLUMNS):
+        missing = [c for c in FAULT_COLUMNS if c not in columns]
+        extra = [c for c in columns if c not in FAULT_COLUMNS]
+        what = "; ".join(filter(None, [
+            missing and "missing columns " + ", ".join(missing),
+            extra and "unexpected columns " + ", ".join(extra),
+        ])) or "columns out of order"
+        raise UserError(f"{path} is not a `uffdtrace record` CSV: {what}")
+    if not complete:
+        raise UserError(f"{path}: the last line is truncated (was the recording interrupted?)")
+    return _chunks(path, chunk_rows)
+
+
+def _chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    try:
+        with pd.read_csv(path, dtype=DTYPES, chunksize=chunk_rows, keep_default_na=False,
+                         na_values=[""]) as reader:
+            for chunk in reader:
+                yield coerce_faults(chunk)
+    except pd.errors.ParserError as e:
+        message = str(e).strip().removeprefix("Error tokenizing data. C error: ")
+        raise UserError(f"{path}: {message}") from e
+    except (ValueError, OverflowError) as e:
+        raise UserError(f"{path}: {_bad_cell(path, chunk_rows) or e}") from e
+
+
+def _bad_cell(path: Path, chunk_rows: int) -> str | None:
+    """Where the first value that is not an integer sits in an integer column."""
+    integer = [n for n, dtype in DTYPES.items() if dtype == "Int64"]
+    with pd.read_csv(path, dtype=str, usecols=integer, chunksize=chunk_rows,
+                     keep_default_na=False) as reader:
+        for first, chunk in enumerate(reader):
+            for name in integer:
+                values = chunk[name]
+                bad = values[(values != "") & ~values.str.fullmatch(INTEGER)]
+                if not bad.empty:
+                    line = first * chunk_rows + int(bad.index[0] - chunk.index[0]) + 2
+                    return f"line {line}: column {name} needs an integer, not {bad.iloc[0]!r}"
+    return None
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plots needs matplotlib: install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(results: dict[str, dict[str, pd.DataFrame]], out_dir: Path) -> list[Path]:
+    """PNG figures from the latency, timeline and blocktime tables that are present."""
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    hist = results.get("latency", {}).get("histogram")
+    if hist is not None and (hist["metric"] == "stall_ns").any():
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        stall = hist[hist["metric"] == "stall_ns"]
+        for (backing, kind), g in stall.groupby(["backing", "kind"]):
+            buckets = np.arange(g["bucket"].min(), g["bucket"].max() + 2)
+            counts = g.set_index("bucket")["count"].reindex(buckets[:-1], fill_value=0)
+            ax.stairs(counts.to_numpy(), 2.0 ** buckets, label=f"{backing} {kind}")
+        ax.set(xscale="log", xlabel="stall (us, log2 buckets)", ylabel="faults",
+               title="Stall distribution")
+        ax.legend()
+        save(fig, "latency_stall_histogram.png")
+
+    timeline = results.get("timeline", {}).get("intervals")
+    if timeline is not None and not timeline.empty:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax.plot(timeline["t_s"], timeline["p99_stall_ns"].astype("Float64").to_numpy(
+            dtype=float, na_value=float("nan")) / 1000, label="p99 stall (us)")
+        ax.set(xlabel="time (s)", ylabel="p99 stall (us)", title="Stall over time")
+        rate = ax.twinx()
+        rate.plot(timeline["t_s"], timeline["faults_per_s"], color="grey", alpha=0.6)
+        rate.set_ylabel("faults/s")
+        save(fig, "timeline_stall.png")
+
+    threads = results.get("blocktime", {}).get("threads")
+    if threads is not None and not threads.empty:
+        top = threads.sort_values("blocked_ns", ascending=False).head(30)
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(top) + 1.5))
+        ax.barh([f"{p}/{t} {c}" for p, t, c in zip(top["pid"], top["tid"], top["comm"],
+                                                     strict=True)],
+                top["blocked_ns"].to_numpy(dtype=float, na_value=0.0) / 1e6)
+        ax.invert_yaxis()
+        ax.set(xlabel="blocked (ms)", title="Blocked time per thread (pid/tid comm)")
+        save(fig, "blocktime_threads.png")
+    return written

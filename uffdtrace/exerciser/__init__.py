@@ -1,0 +1,23 @@
+"""Workload exerciser: userfaultfd faulting threads and handlers in C, with ground truth.
+
+    from uffdtrace.exerciser import ExerciseConfig, run
+    res = run(ExerciseConfig(backing="shmem", pages=1000))
+
+`res.faults`: one row per fault message the handlers read (tid, thread, addr, page, write,
+start_ns, end_ns, stall_ns, msg_ns, handler_tid, flags); `res.ops`: one row per uffd ioctl
+(handler_tid, op, role, start_ns, end_ns, addr, len, errno, mapped); `res.touches`: one row
+per first touch (tid, thread, addr, page, write, start_ns, end_ns); `res.summary`: counts,
+stall percentiles, rate, errors, verification. Times are CLOCK_MONOTONIC nanoseconds.
+"""
+
+from uffdtrace.exerciser.driver import (
+    EXPECTED_MISUSE_ERRNO,
+    MISUSES,
+    ExerciseConfig,
+    ExerciseResult,
+    run,
+)
+from uffdtrace.exerciser.hugepages import reserved_hugepages
+
+__all__ = ["EXPECTED_MISUSE_ERRNO", "MISUSES", "ExerciseConfig", "ExerciseResult",
+           "reserved_hugepages", "run"]

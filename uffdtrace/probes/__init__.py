@@ -1,0 +1,1 @@
+"""Probes: capability detection, backend choice, and loading/attaching the BPF programs."""

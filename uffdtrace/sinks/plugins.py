@@ -1,0 +1,216 @@
+"""The plugin host: a sink that feeds fault batches to plugins and collects their tables.
+
+Isolation: a plugin that raises in any hook is disabled with one line on stderr naming it and
+the error; the others go on, and `failed` lists it (the command then exits non-zero).
+
+Live, each plugin has a worker thread behind a bounded queue, so a slow plugin never blocks
+the tracer's drain loop: when its queue is full the batch is skipped for that plugin and its
+rows are counted in `skipped_rows`, reported at the end. Offline (report) the host runs the
+plugins synchronously, in the caller's thread, and skips nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from uffdtrace.plugins import Plugin, PluginInfo, RunContext, parse_options, resolve
+
+QUEUE_BATCHES = 64
+TICK_S = 1.0
+ADDRESS_COLUMNS = ("addr", "page", "region")
+
+
+class _Hosted:
+    """One plugin instance, its state in the host and (live) its worker thread."""
+
+    def __init__(self, host: PluginSink, info: PluginInfo, ctx: RunContext) -> None:
+        self.host = host
+        self.name = info.name
+        self.plugin: Plugin = info.cls()
+        self.columns = list(info.cls.columns) if info.cls.columns is not None else None
+        self.failed = False
+        self.skipped_rows = 0
+        self.results: dict[str, pd.DataFrame] = {}
+        self.call("start", self.plugin.start, ctx)
+        self.queue: queue.Queue[pd.DataFrame | None] | None = None
+        if ctx.live:
+            self.queue = queue.Queue(maxsize=host.queue_batches)
+            self.thread = threading.Thread(target=self.work, name=f"plugin-{self.name}",
+                                           daemon=True)
+            self.thread.start()
+
+    def call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one hook; on an exception disable the plugin and say so once."""
+        if self.failed:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.failed = True
+            print(f"uffdtrace: plugin {self.name} failed in {hook}(): {type(e).__name__}: {e}; "
+                  "disabled", file=self.host.err, flush=True)
+            return None
+
+    def feed(self, df: pd.DataFrame) -> None:
+        # Each plugin gets its own frame (copy-on-write: cheap), so none sees another's edits.
+        view = df.copy(deep=False) if self.columns is None else df[self.columns]
+        self.call("batch", self.plugin.batch, view)
+
+    def offer(self, df: pd.DataFrame) -> None:
+        """Live: hand a batch to the worker without ever waiting."""
+        if self.failed:
+            return
+        try:
+            self.queue.put_nowait(df)
+        except queue.Full:
+            self.skipped_rows += len(df)
+
+    def work(self) -> None:
+        next_tick = time.monotonic() + self.host.tick_s
+        while True:
+            try:
+                df = self.queue.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                pass
+            else:
+                if df is None:
+                    return
+                self.feed(df)
+            if time.monotonic() >= next_tick:
+                self.call("tick", self.plugin.tick, time.monotonic_ns())
+                next_tick = time.monotonic() + self.host.tick_s
+
+    def finish(self) -> None:
+        if self.queue is not None:
+            self.queue.put(None)  # blocks only until the worker catches up
+            self.thread.join()
+        self.results = self.call("finish", self._finish) or {}
+
+    def _finish(self) -> dict[str, pd.DataFrame]:
+        tables = self.plugin.finish()
+        if not (isinstance(tables, dict) and all(
+                isinstance(k, str) and isinstance(v, pd.DataFrame) for k, v in tables.items())):
+            raise TypeError("finish() must return dict[str, DataFrame]")
+        return tables
+
+
+class PluginSink:
+    """A sink (write/close) running plugins; `results` holds their tables after close()."""
+
+    def __init__(self, plugins: Sequence[PluginInfo], ctx: RunContext,
+                 options: dict[str, dict[str, Any]] | None = None, *,
+                 queue_batches: int = QUEUE_BATCHES, tick_s: float = TICK_S,
+                 out_dir: Path | None = None, stream: TextIO | None = None,
+                 err: TextIO | None = None) -> None:
+        """Start every plugin. `options`: per plugin name (defaults when absent). At close,
+        tables go as CSV files into `out_dir` and as text to `stream`, when given."""
+        self.queue_batches = queue_batches
+        self.tick_s = tick_s
+        self.out_dir = out_dir
+        self.stream = stream
+        self.err = err if err is not None else sys.stderr
+        self.live = ctx.live
+        options = options or {}
+        self._hosted = [
+            _Hosted(self, info, dataclasses.replace(
+                ctx, options=options.get(info.name, dict(info.cls.options))))
+            for info in plugins
+        ]
+        self.results: dict[str, dict[str, pd.DataFrame]] = {}
+
+    def write(self, faults: pd.DataFrame) -> None:
+        if faults.empty:
+            return
+        for h in self._hosted:
+            if self.live:
+                h.offer(faults)
+            else:
+                h.feed(faults)
+
+    def close(self) -> None:
+        for h in self._hosted:
+            h.finish()
+            if h.skipped_rows:
+                print(f"uffdtrace: plugin {h.name} fell behind: {h.skipped_rows} fault rows "
+                      "skipped", file=self.err)
+        self.results = {h.name: h.results for h in self._hosted if h.results}
+        if self.out_dir is not None:
+            write_tables(self.results, self.out_dir)
+        if self.stream is not None:
+            print(format_tables(self.results), file=self.stream)
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the plugins disabled by an exception."""
+        return [h.name for h in self._hosted if h.failed]
+
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Fault rows each plugin missed because its queue was full (live only)."""
+        return {h.name: h.skipped_rows for h in self._hosted}
+
+
+def write_tables(results: dict[str, dict[str, pd.DataFrame]], out_dir: Path) -> list[Path]:
+    """One CSV per result table: OUT_DIR/<plugin>_<table>.csv."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for plugin, tables in results.items():
+        for table, df in tables.items():
+            path = out_dir / f"{plugin}_{table}.csv"
+            df.to_csv(path, index=False, lineterminator="\n")
+            paths.append(path)
+    return paths
+
+
+def format_tables(results: dict[str, dict[str, pd.DataFrame]], max_rows: int = 40) -> str:
+    """Readable text for every result table (long tables cut to `max_rows`, addresses in
+    hex)."""
+    parts = []
+    for plugin, tables in results.items():
+        for table, df in tables.items():
+            parts.append(f"== {plugin}: {table} ({len(df)} rows) ==")
+            if df.empty:
+                parts.append("(empty)")
+                continue
+            shown = df.head(max_rows)
+            hex_cols = [c for c in ADDRESS_COLUMNS if c in shown and shown[c].dtype.kind in "iu"]
+            parts.append(shown.to_string(index=False, formatters=dict.fromkeys(hex_cols, _hex)))
+            if len(df) > max_rows:
+                parts.append(f"... {len(df) - max_rows} more rows (all of them with --out DIR)")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _hex(value: Any) -> str:
+    return "<NA>" if pd.isna(value) else hex(value)
+
+
+def add_plugin_arguments(parser: argparse.ArgumentParser, out_flag: str = "--plugin-out") -> None:
+    """--plugin, --opt and an output-directory flag (dest: plugin_out)."""
+    parser.add_argument("--plugin", action="append", default=[], metavar="NAME|PATH",
+                        help="run this plugin: an installed name (see `uffdtrace plugins`) or a "
+                             "file path like ./mine.py (repeatable)")
+    parser.add_argument("--opt", action="append", default=[], metavar="PLUGIN.NAME=VALUE",
+                        help="set a plugin option (repeatable)")
+    parser.add_argument(out_flag, dest="plugin_out", type=Path, metavar="DIR",
+                        help="write each plugin table as DIR/<plugin>_<table>.csv")
+
+
+def plugin_sink_from_args(args: argparse.Namespace, ctx: RunContext,
+                          default: Sequence[str] = (),
+                          stream: TextIO | None = None) -> PluginSink:
+    """The host for `--plugin` (or `default` when none is given) with its `--opt`s; tables
+    go to --plugin-out and, as text, to `stream`."""
+    infos = resolve(args.plugin or list(default))
+    return PluginSink(infos, ctx, parse_options(args.opt, infos),
+                      out_dir=args.plugin_out, stream=stream)
