@@ -64,6 +64,7 @@ struct event {
     u64 t3;          // FAULT: resume_ns
     u64 t4;          // FAULT: msg_ns
     u64 t5;          // FAULT: enter_ns of the waker's in-flight uffd ioctl
+    u64 t6;          // FAULT: return_ns (back to user space)
     u64 addr;        // FAULT: address      IOCTL: range start  MSG: address
     u64 len;         // FAULT: error code   IOCTL: range length MSG: pagefault flags
     u64 x;           // FAULT: msg flags    IOCTL: mode         MSG: ptid
@@ -73,7 +74,7 @@ struct event {
 };
 
 struct fault_state {
-    u64 fault_ns, block_ns, wake_ns, resume_ns, msg_ns, ioctl_enter_ns;
+    u64 fault_ns, block_ns, wake_ns, resume_ns, return_ns, msg_ns, ioctl_enter_ns;
     u64 addr, error_code, msg_flags;
     u64 regs, ip;  // T's saved user registers and the faulting instruction
     u32 tgid, waker_pid, waker_tid, notify_tid, msg_tid;
@@ -187,7 +188,8 @@ static __always_inline void sample_region(void *ctx, u32 tgid, u64 addr) {
 
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid) {
     if (st->flags & F_RESUMED) {
-        int slot = log2_us_slot(st->resume_ns - st->fault_ns);
+        u64 end = st->return_ns ? st->return_ns : st->resume_ns;
+        int slot = log2_us_slot(end - st->fault_ns);
         stall_hist.increment(slot);
     }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
@@ -209,6 +211,7 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid)
     e->t3 = st->resume_ns;
     e->t4 = st->msg_ns;
     e->t5 = st->ioctl_enter_ns;
+    e->t6 = st->return_ns;
     e->addr = st->addr;
     e->len = st->error_code;
     e->x = st->msg_flags;
@@ -327,6 +330,22 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
         st->flags |= F_WOKEN_ON_CPU | F_RESUMED;
         st->resume_ns = now;
     }
+    return 0;
+}
+
+// (struct task_struct *t), on the way back to user space after T was scheduled (for threads
+// with rseq registered, as glibc >= 2.35 does by default): the true end of a resumed fault.
+RAW_TRACEPOINT_PROBE(rseq_update) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!is_tracked(id >> 32))
+        return 0;
+    u32 tid = (u32)id;
+    struct fault_state *st = inflight.lookup(&tid);
+    if (!st || !(st->flags & F_RESUMED))
+        return 0;
+    st->return_ns = bpf_ktime_get_ns();
+    emit_fault(st, id >> 32, tid);
+    inflight.delete(&tid);
     return 0;
 }
 

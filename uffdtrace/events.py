@@ -20,7 +20,8 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "page_size": ("Int64", "page size of the faulting mapping in bytes"),
     "backing": ("string", "hugetlb | shmem | anon, from the kernel path"),
     "kind": ("string", "minor | missing | wp"),
-    "stall_ns": ("Int64", "resume - fault: how long the thread could not run"),
+    "stall_ns": ("Int64", "end - fault: how long the thread could not run (end: return_ns, "
+                 "else resume_ns)"),
     "notify_ns": ("Int64", "msg - block: until the handler had the message"),
     "handler_ns": ("Int64", "cont_enter - msg: handler work before its resolving ioctl"),
     "continue_ns": ("Int64", "cont_exit - cont_enter: the resolving ioctl itself"),
@@ -36,6 +37,8 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "cont_exit_ns": ("Int64", "instant the resolving ioctl returned"),
     "wake_ns": ("Int64", "instant the thread was woken"),
     "resume_ns": ("Int64", "instant the thread was on a CPU again"),
+    "return_ns": ("Int64", "instant the thread returned to user space, the fault done "
+                  "(needs rseq, which glibc registers)"),
     "outcome": ("string", "resolved | unresolved_exit (thread exited with the fault in flight) "
                 "| no_wait (full mode: resolved before the thread had to sleep; no resume)"),
 }

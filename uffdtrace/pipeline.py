@@ -103,6 +103,7 @@ class Assembler:
         resume = instant(f["t3"], resumed)
         msg = instant(f["t4"], (f["flags"] & F_MSG) != 0)
         cont_enter = instant(f["t5"])
+        returned = instant(f["t6"])
         df = pd.DataFrame({
             "fault_ns": fault,
             "pid": f["pid"].astype(np.int64),
@@ -114,6 +115,7 @@ class Assembler:
             "cont_enter_ns": cont_enter,
             "wake_ns": wake,
             "resume_ns": resume,
+            "return_ns": returned,
             "handler_pid": instant(f["peer_pid"]),
             "handler_tid": instant(f["peer_tid"]),
             "outcome": np.select([(f["flags"] & F_EXITED) != 0, resumed],
@@ -180,7 +182,7 @@ class Assembler:
 
 def derive_durations(df: pd.DataFrame) -> pd.DataFrame:
     """The *_ns durations of DESIGN §1 from the instants (missing where an end is missing)."""
-    df["stall_ns"] = df["resume_ns"] - df["fault_ns"]
+    df["stall_ns"] = df["return_ns"].fillna(df["resume_ns"]) - df["fault_ns"]
     notify = df["msg_ns"] - df["block_ns"]
     df["notify_ns"] = notify.where(notify >= 0)  # the handler had it before T slept: unknown
     df["handler_ns"] = df["cont_enter_ns"] - df["msg_ns"]

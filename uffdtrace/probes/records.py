@@ -34,6 +34,7 @@ EVENT_DTYPE = np.dtype(
         ("t3", np.uint64),
         ("t4", np.uint64),
         ("t5", np.uint64),
+        ("t6", np.uint64),
         ("addr", np.uint64),
         ("len", np.uint64),
         ("x", np.uint64),
@@ -42,7 +43,7 @@ EVENT_DTYPE = np.dtype(
         ("comm", "S16"),
     ]
 )
-assert EVENT_DTYPE.itemsize == 128
+assert EVENT_DTYPE.itemsize == 136
 
 LOST_REASONS = ("ringbuf_full", "inflight_map_full", "ioctl_map_full")
 

@@ -98,7 +98,7 @@ class TracepointBackend:
             if st.flags & (F_RESUMED | F_MSG):
                 rows.append((EV_FAULT, st.ioctl_nr, st.flags, st.tgid, k.value,
                              st.waker_pid, st.waker_tid, st.notify_tid, st.fault_ns, st.block_ns,
-                             st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, st.addr,
+                             st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, 0, st.addr,
                              st.error_code, st.msg_flags, st.msg_tid, 0, bytes(st.comm)))
         return np.array(rows, dtype=EVENT_DTYPE)
 
