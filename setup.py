@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["uffdtrace/exerciser/build.py:ffibuilder"])
+setup(cffi_modules=["uffdtrace/exerciser/build.py:ffibuilder", "uffdtrace/migration/build.py:ffibuilder"])

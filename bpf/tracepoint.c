@@ -77,7 +77,7 @@ struct fault_state {
     u64 fault_ns, block_ns, wake_ns, resume_ns, return_ns, msg_ns, ioctl_enter_ns;
     u64 addr, error_code, msg_flags;
     u64 regs, ip;  // T's saved user registers and the faulting instruction
-    u32 tgid, waker_pid, waker_tid, notify_tid, msg_tid;
+    u32 tgid, waker_pid, waker_tid, notify_tid, notify_tgid, msg_tid;
     u16 flags;
     u8 ioctl_nr;
     char comm[16];
@@ -241,6 +241,15 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
             bool uffd_state = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE;
             bool slept = uffd_state && !ctx->args[0];
             if (uffd_state || (st->flags & F_NOTIFIED)) {
+#ifndef TRACE_ALL
+                // Notified, then off the CPU in handle_userfault's state: the task it woke
+                // is this uffd's handler. Trace its process from now on (its read and
+                // ioctl of this very fault included), wherever it lives.
+                if (uffd_state && (st->flags & F_NOTIFIED) && st->notify_tgid) {
+                    u8 handler = 2;
+                    tracked.insert(&st->notify_tgid, &handler);
+                }
+#endif
                 if (!st->block_ns)
                     st->block_ns = bpf_ktime_get_ns();
                 st->flags |= F_BLOCKED;
@@ -293,6 +302,7 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
         if (me && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
             me->flags |= F_NOTIFIED;
             me->notify_tid = p_tid;
+            me->notify_tgid = task_field(p, TASK_TGID_OFF);
         }
     }
 
@@ -392,7 +402,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
 #define UFFD_EVENT_PAGEFAULT 0x12
 #define MAX_MSGS 16
 
-struct read_state { u64 buf; };
+struct read_state { u64 buf, fdkey; u8 known; };
 BPF_HASH(reads, u32, struct read_state, MAX_THREADS);
 BPF_HASH(uffd_fds, u64, u8, 16384);  // (tgid << 32 | fd) known to be userfaultfds
 
@@ -420,9 +430,10 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     u64 fd = reg(regs, 0);
     u64 fdkey = ((u64)tgid << 32) | (u32)fd;
     if (nr == NR_READ) {
-        if (!uffd_fds.lookup(&fdkey))
-            return 0;
-        struct read_state rs = {.buf = reg(regs, 1)};
+        // Reads of fds not yet known as uffds are checked at exit too: a handler may have
+        // received its uffd over a socket and read it before any ioctl.
+        struct read_state rs = {.buf = reg(regs, 1), .fdkey = fdkey,
+                                .known = uffd_fds.lookup(&fdkey) != NULL};
         reads.update(&tid, &rs);
         return 0;
     }
@@ -479,6 +490,19 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     e->mapped = mapped;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+// Is this read's first record the uffd_msg of a fault in flight? (page fault event, the
+// faulting thread's id, and its page's address: nothing else looks like that)
+static __always_inline bool looks_like_uffd(u64 buf, long ret) {
+    if (ret <= 0 || ret % 32)
+        return false;
+    u64 m[4] = {};
+    if (bpf_probe_read_user(m, sizeof(m), (void *)buf) || (m[0] & 0xff) != UFFD_EVENT_PAGEFAULT)
+        return false;
+    u32 ptid = (u32)m[3];
+    struct fault_state *st = ptid ? inflight.lookup(&ptid) : NULL;
+    return st && ((st->addr & ~0xfffULL) == m[2] || (st->addr & ~0x1fffffULL) == m[2]);
 }
 
 static __always_inline void exit_read(u32 tgid, u32 tid, u64 buf, long ret) {
@@ -539,7 +563,13 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     }
     struct read_state *rs = reads.lookup(&tid);
     if (rs) {
-        exit_read(tgid, tid, rs->buf, ret);
+        if (!rs->known && looks_like_uffd(rs->buf, ret)) {
+            u8 one = 1;
+            uffd_fds.update(&rs->fdkey, &one);
+            rs->known = 1;
+        }
+        if (rs->known)
+            exit_read(tgid, tid, rs->buf, ret);
         reads.delete(&tid);
     }
     return 0;

@@ -6,6 +6,9 @@ Tables:
 
 Bucket N counts values in [2^N, 2^(N+1)) us, like QEMU's postcopy-latency-dist; values under
 1 us fall in bucket 0. Percentiles are exact (linear interpolation over every value kept).
+
+Panels (live viewers): the log2 us histogram of stall (views: notify, wake-to-run) and of
+CONTINUE (views: handler), with approximate percentiles, and faults per backing x kind.
 """
 
 from __future__ import annotations
@@ -13,16 +16,60 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from uffdtrace.plugins import Plugin, RunContext
+from uffdtrace.plugins import Histogram, Panel, Plugin, RunContext, Table
 
 METRICS = ("stall_ns", "notify_ns", "handler_ns", "continue_ns", "wake_to_run_ns")
 PERCENTILES = {"p50_ns": 50, "p90_ns": 90, "p99_ns": 99, "p99_9_ns": 99.9}
+PANEL_VIEWS = {"stall": ("stall_ns", "notify_ns", "wake_to_run_ns"),
+               "continue": ("continue_ns", "handler_ns")}
+SUB_BUCKETS = 16  # per power of two in LogHistogram: percentiles within ~4 %
 
 
 def log2_us_buckets(ns: np.ndarray) -> np.ndarray:
     """Bucket index of each duration: floor(log2(us)), with anything under 2 us in bucket 0."""
     us = np.maximum(ns // 1000, 1)
     return np.frexp(us.astype(np.float64))[1] - 1
+
+
+class LogHistogram:
+    """Running counts of ns durations in log-linear bins: cheap to add to, percentiles within
+    a few percent. Groups: one histogram per row of `counts`."""
+
+    BINS = 64 * SUB_BUCKETS
+
+    def __init__(self, groups: int = 1) -> None:
+        self.counts = np.zeros((groups, self.BINS), dtype=np.int64)
+
+    def grow(self, groups: int) -> None:
+        """Have at least `groups` groups (new ones empty)."""
+        more = groups - len(self.counts)
+        if more > 0:
+            self.counts = np.vstack([self.counts, np.zeros((more, self.BINS), dtype=np.int64)])
+
+    def add(self, ns: np.ndarray, group: np.ndarray | None = None) -> None:
+        """Count durations `ns` (into group 0, or each into its `group`)."""
+        fine = np.log2(np.maximum(ns, 1).astype(np.float64)) * SUB_BUCKETS
+        index = fine.astype(np.int64) + (0 if group is None else group * self.BINS)
+        self.counts += np.bincount(index, minlength=self.counts.size).reshape(self.counts.shape)
+
+    def percentile(self, q: float) -> np.ndarray:
+        """Per group: the q-th percentile in ns (geometric middle of its bin; 0 when empty)."""
+        cum = self.counts.cumsum(axis=1)
+        rank = np.ceil(cum[:, -1] * q / 100).clip(1)
+        index = (cum < rank[:, None]).sum(axis=1)
+        return np.where(cum[:, -1] > 0, 2 ** ((index + 0.5) / SUB_BUCKETS), 0)
+
+
+def histogram_view(title: str, counts: np.ndarray, hist: LogHistogram) -> Histogram:
+    """A Histogram panel view of log2 us bucket `counts` (the non-empty range), with
+    percentiles from `hist`."""
+    used = np.flatnonzero(counts)
+    lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+    n = int(counts.sum())
+    p50, p99 = hist.percentile(50)[0], hist.percentile(99)[0]
+    note = f"n={n}  p50 {p50 / 1000:.1f}us  p99 {p99 / 1000:.1f}us" if n else "no faults yet"
+    return Histogram(title, tuple(float(1 << b) for b in range(lo, hi + 1)),
+                     tuple(int(c) for c in counts[lo:hi]), "us", note)
 
 
 class LatencyPlugin(Plugin):
@@ -33,6 +80,13 @@ class LatencyPlugin(Plugin):
 
     def start(self, ctx: RunContext) -> None:
         self._values: dict[tuple[str, str, str], list[np.ndarray]] = {}
+        self.keep = ctx.tables
+        self.reset()
+
+    def reset(self) -> None:
+        self._live = {m: LogHistogram() for m in METRICS}
+        self._log2 = {m: np.zeros(64, dtype=np.int64) for m in METRICS}
+        self._kinds: dict[tuple[str, str], int] = {}
 
     def batch(self, df: pd.DataFrame) -> None:
         groups = df.groupby([df["backing"].fillna("unknown"), df["kind"].fillna("unknown")],
@@ -40,6 +94,11 @@ class LatencyPlugin(Plugin):
         for metric in METRICS:
             col = df[metric]
             values = col.to_numpy(dtype=np.int64, na_value=-1)
+            known = values[values >= 0]
+            self._live[metric].add(known)
+            self._log2[metric] += np.bincount(log2_us_buckets(known), minlength=64)
+            if not self.keep:
+                continue
             if not col.hasnans:
                 for key, idx in groups.items():
                     self._values.setdefault((*key, metric), []).append(values[idx])
@@ -47,6 +106,15 @@ class LatencyPlugin(Plugin):
             for key, idx in groups.items():
                 v = values[idx]
                 self._values.setdefault((*key, metric), []).append(v[v >= 0])
+        for key, idx in groups.items():
+            self._kinds[key] = self._kinds.get(key, 0) + len(idx)
+
+    def panels(self) -> list[Panel]:
+        kinds = Table("backing x kind", ("backing", "kind", "faults"),
+                      tuple((*k, n) for k, n in sorted(self._kinds.items())), sort=2)
+        return [Panel(name, tuple(histogram_view(m.removesuffix("_ns").replace("_", "-") + " latency",
+                                                 self._log2[m], self._live[m]) for m in metrics))
+                for name, metrics in PANEL_VIEWS.items()] + [Panel("kinds", (kinds,))]
 
     def finish(self) -> dict[str, pd.DataFrame]:
         pct_rows, hist_rows = [], []

@@ -5,6 +5,8 @@ Tables:
               (every fault whose page saw a failed uffd ioctl: errno != 0)
   unresolved  fault_ns, pid, tid, comm, addr, backing, kind
               (faults still in flight when their thread exited: outcome == unresolved_exit)
+
+Panel (live viewers): failed uffd ioctls by errno, with unresolved faults as one more row.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import errno
 
 import pandas as pd
 
-from uffdtrace.plugins import Plugin, RunContext
+from uffdtrace.plugins import Panel, Plugin, RunContext, Table
 
 EXPLAIN = {
     errno.EEXIST: "a page is already mapped there: a MINOR-registered range is resolved with "
@@ -39,14 +41,26 @@ class MisusePlugin(Plugin):
     def start(self, ctx: RunContext) -> None:
         self._errors: list[pd.DataFrame] = []
         self._unresolved: list[pd.DataFrame] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._counts: dict[str, int] = {}
 
     def batch(self, df: pd.DataFrame) -> None:
         failed = df[df["errno"].fillna(0) != 0]
         if not failed.empty:
             self._errors.append(failed[ERRORS])
+            for code, n in failed["errno"].value_counts().items():
+                name = errno.errorcode.get(int(code), f"errno {code}")
+                self._counts[name] = self._counts.get(name, 0) + int(n)
         unresolved = df[df["outcome"] == "unresolved_exit"]
         if not unresolved.empty:
             self._unresolved.append(unresolved[UNRESOLVED])
+            self._counts["unresolved"] = self._counts.get("unresolved", 0) + len(unresolved)
+
+    def panels(self) -> list[Panel]:
+        rows = tuple(sorted(self._counts.items()))
+        return [Panel("errors", (Table("errors by errno", ("error", "faults"), rows, sort=1),))]
 
     def finish(self) -> dict[str, pd.DataFrame]:
         errors = pd.concat(self._errors, ignore_index=True) if self._errors else pd.DataFrame(

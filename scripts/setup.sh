@@ -63,15 +63,17 @@ if "$VENV/bin/python" -m pip show -q bcc 2>/dev/null | grep -q .; then
 fi
 
 stamp="$VENV/.uffdtrace-installed"
-if [[ ! -e "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" \
-      || uffdtrace/exerciser/exerciser.c -nt "$stamp" || uffdtrace/exerciser/build.py -nt "$stamp" ]] \
-   || ! "$VENV/bin/python" -c 'import uffdtrace.exerciser._exerciser' 2>/dev/null; then
+NATIVE=(uffdtrace.exerciser._exerciser uffdtrace.migration._migration)
+import_native() { "$VENV/bin/python" -c "import bcc; $(printf 'import %s; ' "${NATIVE[@]}")"; }
+# Reinstall when packaging or any cffi source changed since the last install.
+changed=$(find pyproject.toml setup.py uffdtrace/*/build.py uffdtrace/*/*.[ch] \
+               -newer "$stamp" 2>/dev/null | head -1)
+if [[ ! -e "$stamp" || -n "$changed" ]] || ! import_native 2>/dev/null; then
     say "installing uffdtrace (editable) and building the cffi exerciser"
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
 else
     say "uffdtrace installed in $VENV"
 fi
-"$VENV/bin/python" -c 'import bcc, uffdtrace.exerciser._exerciser' \
-    || { echo "setup: venv cannot import bcc and the exerciser" >&2; exit 1; }
+import_native || { echo "setup: venv cannot import bcc and the cffi modules" >&2; exit 1; }
 say "ready: $VENV/bin/uffdtrace"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from uffdtrace import __version__
 from uffdtrace.errors import UserError
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = ["demo", "record", "exercise", "doctor", "plugins", "report"]
+COMMANDS = ["demo", "record", "exercise", "doctor", "plugins", "report", "migrate", "top"]
 
 EPILOG = """\
 examples:
@@ -20,8 +21,15 @@ examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end with one line (and exit 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="uffdtrace",
         description="Trace userfaultfd minor faults and their UFFDIO_CONTINUE with eBPF.",
         epilog=EPILOG,

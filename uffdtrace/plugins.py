@@ -10,6 +10,15 @@ default's type) and the FAULT_COLUMNS it reads (`columns`; None: all of them). T
     tick(now_ns)     live runs only, about once a second (CLOCK_MONOTONIC ns): a snapshot
     finish()         once at the end: {table name: DataFrame}, the plugin's results
 
+Live viewers (`uffdtrace top`) also call, in the plugin's own thread like every other hook:
+
+    panels()         after each tick(): what to show now, a list of Panel (see below)
+    reset()          the viewer's reset key: start the panels afresh (finish() is unaffected)
+
+A Panel is a name and one or more views (the viewer's metric key cycles them); a view is a
+Histogram, Rates, Table or Text, plain immutable data that the viewer draws. The built-in
+panels of `top` come from the built-in plugins through this same path.
+
 Plugins are found through the entry-point group `uffdtrace.plugins` (how the built-ins in
 plugins/ are registered, and how a package ships its own) or from a file named explicitly
 (`--plugin ./mine.py`: a spec containing '/' or ending in .py). Nothing is ever imported from
@@ -60,6 +69,7 @@ class RunContext:
     mode: str  # full | light; "" when unknown (offline)
     kernel_release: str = field(default_factory=lambda: os.uname().release)
     live: bool = True  # False: replay of a recorded CSV (report), no tick()
+    tables: bool = True  # False: finish()'s tables are not wanted (a live viewer): keep no rows
     options: Mapping[str, Any] = field(default_factory=dict)  # this plugin's options
 
 
@@ -83,6 +93,72 @@ class Plugin:
     def finish(self) -> dict[str, pd.DataFrame]:
         """Called once at the end: the plugin's named result tables."""
         return {}
+
+    def panels(self) -> list[Panel]:
+        """Live viewers: the panels to show now (called after each tick)."""
+        return []
+
+    def reset(self) -> None:
+        """Live viewers: forget what the panels showed so far."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A panel view: counts per bucket; bucket i holds [edges[i], edges[i+1]) in `unit`."""
+
+    title: str
+    edges: tuple[float, ...]  # len(counts) + 1
+    counts: tuple[int, ...]
+    unit: str = "us"
+    note: str = ""  # one line shown with it, e.g. "n=1200 p50 8.1us p99 14us"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One rate of a Rates view: now, the peak so far, and recent values (oldest first)."""
+
+    name: str
+    current: float
+    peak: float
+    history: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A panel view: rates with a sparkline of their history."""
+
+    title: str
+    rates: tuple[Rate, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A panel view: rows of plain values. Columns ending in _ns are shown as durations; a
+    "pid" column is what the viewer's pid filter applies to."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    sort: int = 0  # column sorted by (descending) until the user picks another
+
+
+@dataclass(frozen=True)
+class Text:
+    """A panel view: lines of text."""
+
+    title: str
+    lines: tuple[str, ...]
+
+
+View = Histogram | Rates | Table | Text
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One box of a live viewer: `name` is unique within its plugin; views[0] shows first."""
+
+    name: str
+    views: tuple[View, ...]
 
 
 @dataclass(frozen=True)

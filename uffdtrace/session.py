@@ -21,7 +21,7 @@ from uffdtrace.probes.paths import PathClassifier
 from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
 from uffdtrace.sinks import Sink
 from uffdtrace.summary import FaultStats
-from uffdtrace.targets import uffd_holders, uffd_inodes
+from uffdtrace.targets import uffd_holders, uffd_inodes, uffd_ranges
 
 DRAIN_INTERVAL_S = 0.05
 RESCAN_INTERVAL_S = 1.0
@@ -48,6 +48,7 @@ class Session:
         backend.start()
         self.backend = backend
         self._add_handlers()
+        self.ranges_at_start = [r for pid in self.scope.pids for r in uffd_ranges(pid)]
         call_sites = load_call_sites() or calibrate(self.backend)["call_sites"]
         classifier = PathClassifier(self.backend.region_frames, call_sites)
         self.assembler = Assembler(self.mode, classifier)
@@ -107,6 +108,7 @@ class Session:
                     "bpf_run_cnt": run_cnt,
                     "uffd_events": self.backend.uffd_event_counts(),
                     "registers": self.assembler.register_ranges,
+                    "ranges_at_start": self.ranges_at_start,
                     "ioctls": self.assembler.ioctl_counts,
                 }
         finally:

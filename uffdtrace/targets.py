@@ -22,6 +22,15 @@ def check_pids(pids: Iterable[int]) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Still running (a zombie has exited: its traced work is over)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def uffd_inodes(pid: int) -> set[int]:
     """Inodes of the userfaultfds a process holds (each uffd has its own anon inode)."""
     inodes = set()
@@ -49,6 +58,30 @@ def uffd_holders(inodes: set[int]) -> set[int]:
         if proc.name.isdigit() and uffd_inodes(int(proc.name)) & inodes:
             holders.add(int(proc.name))
     return holders
+
+
+UFFD_VMFLAGS = {"um": "missing", "uw": "wp", "ui": "minor"}
+
+
+def uffd_ranges(pid: int) -> list[dict]:
+    """userfaultfd-registered mappings of a running process, from /proc/PID/smaps VmFlags
+    (registrations made before tracing started are invisible to the ioctl probes)."""
+    ranges = []
+    start = end = 0
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    lo, hi = line.split(" ", 1)[0].split("-")
+                    start, end = int(lo, 16), int(hi, 16)
+                elif line.startswith("VmFlags:"):
+                    modes = [m for flag, m in UFFD_VMFLAGS.items() if flag in line.split()[1:]]
+                    if modes:
+                        ranges.append({"pid": pid, "start": start, "len": end - start,
+                                       "modes": modes})
+    except OSError:
+        pass
+    return ranges
 
 
 class LaunchedCommand:

@@ -44,7 +44,10 @@ examples:
   uffdtrace exercise --handler process                handler in another process, given
                                                       the uffd over a unix socket (a VMM)
   uffdtrace exercise --policy copy --stale-fraction 0.2   refresh 20% of pages first
-  uffdtrace exercise --policy prefetch                a prefetcher races the faults
+  uffdtrace exercise --policy prefetch --pattern random --prefetch-interval-us 20 \
+                     --fetch-delay-us 100000
+        a paced prefetcher maps pages in order while slow (100 ms) demand fetches race it:
+        a race the handler lost shows as CONTINUE failing with EEXIST, then UFFDIO_WAKE
   uffdtrace exercise --mode missing --misuse continue-on-missing   provoke and report errno
   uffdtrace exercise --csv faults.csv --ops-csv ops.csv            per-fault ground truth
   uffdtrace exercise --pid-file /tmp/ex.pid --delay-s 5 --pages 100000
@@ -204,7 +207,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, delay_s=args.delay_s)
+    cfg = config_from_args(args, delay_s=args.delay_s).validated()  # before touching files
     with ExitStack() as stack:
         csv = _open_output(stack, args.csv)
         ops_csv = _open_output(stack, args.ops_csv)

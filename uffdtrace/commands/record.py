@@ -30,7 +30,7 @@ from uffdtrace.session import Session, stop_on_signals
 from uffdtrace.sinks.csv import CsvSink
 from uffdtrace.sinks.plugins import add_plugin_arguments, plugin_sink_from_args
 from uffdtrace.summary import format_us
-from uffdtrace.targets import LaunchedCommand, check_pids
+from uffdtrace.targets import LaunchedCommand, alive, check_pids
 
 NAME = "record"
 HELP = "record per-fault timelines to CSV"
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after S seconds (default: until Ctrl-C or the command ends)")
     p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
     p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
-                   help="trace this process and all its threads (repeatable)")
+                   help="trace this process and all its threads (repeatable); ends when they all have")
     p.add_argument("--all", action="store_true", help="trace every process")
     p.add_argument("-j", "--json", action="store_true", help="summary as JSON on stdout")
     add_plugin_arguments(p)
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
               f"started in {session.startup_s:.2f} s; Ctrl-C to stop", file=sys.stderr)
         if launched:
             launched.release()
-        session.run(until=lambda: launched is not None and launched.poll() is not None,
-                    duration_s=args.duration)
+        session.run(until=lambda: (launched.poll() is not None) if launched else
+                    bool(pids) and not any(alive(p) for p in pids), duration_s=args.duration)
     finally:
         if launched and launched.poll() is None:
             launched.terminate()
@@ -120,6 +120,7 @@ def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
         "uffd_events": [{"pid": p, "event": UFFD_EVENTS.get(e, str(e)), "count": n}
                         for (p, e), n in sorted(info.get("uffd_events", {}).items())],
         "registers": info.get("registers", []),
+        "uffd_ranges_at_start": info.get("ranges_at_start", []),
         "ioctls": [{"ioctl": name, "errno": err, "count": n}
                    for (name, err), n in sorted(info.get("ioctls", {}).items())],
         "startup_s": round(session.startup_s, 3),
@@ -147,6 +148,9 @@ def print_summary(s: dict, out) -> None:
     unresolved = s["outcomes"].get("unresolved_exit", 0)
     if unresolved:
         p(f"  {unresolved} faults still in flight when their thread exited")
+    for r in s["uffd_ranges_at_start"]:
+        p(f"  registered before tracing: pid {r['pid']} {r['start']:#x}+{r['len']:#x} "
+          f"{'|'.join(r['modes'])}")
     for ev in s["uffd_events"]:
         p(f"  uffd event {ev['event']} in pid {ev['pid']}: {ev['count']}")
     lost = ", ".join(f"{k}={v}" for k, v in s["lost"].items() if v) or "none"

@@ -63,13 +63,15 @@ static const int misuse_ops[] = {
 
 /* State written by both processes: lives at the start of the MAP_SHARED region. */
 struct shared {
+    /* Written per fault by the handlers. */
     int64_t n_msgs, n_ops, overflows;
-    int64_t touched;             /* touches completed: progress for the watchdog */
     int32_t err;                 /* first failure wins */
     char step[64];
+    /* Written and read per touch by the faulting threads: a cache line of their own. */
+    int64_t touched __attribute__((aligned(64)));  /* progress, for the watchdog */
+    int32_t abort;               /* faulting threads should stop touching */
     int32_t go;                  /* futex gate: faulting and prefetching may start */
     int32_t stop;                /* handlers and prefetcher should return */
-    int32_t abort;               /* faulting threads should stop touching */
 };
 
 struct toucher {

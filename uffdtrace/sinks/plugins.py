@@ -7,6 +7,9 @@ Live, each plugin has a worker thread behind a bounded queue, so a slow plugin n
 the tracer's drain loop: when its queue is full the batch is skipped for that plugin and its
 rows are counted in `skipped_rows`, reported at the end. Offline (report) the host runs the
 plugins synchronously, in the caller's thread, and skips nothing.
+
+For live viewers (`panels=True`) each worker also asks its plugin for panels after every tick;
+`panels()` returns the latest ones without waiting for any plugin.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from uffdtrace.plugins import Plugin, PluginInfo, RunContext, parse_options, resolve
+from uffdtrace.plugins import Panel, Plugin, PluginInfo, RunContext, parse_options, resolve
 
 QUEUE_BATCHES = 64
 TICK_S = 1.0
@@ -41,6 +44,8 @@ class _Hosted:
         self.failed = False
         self.skipped_rows = 0
         self.results: dict[str, pd.DataFrame] = {}
+        self.panels: list[Panel] = []
+        self.reset_due = False
         self.call("start", self.plugin.start, ctx)
         self.queue: queue.Queue[pd.DataFrame | None] | None = None
         if ctx.live:
@@ -86,9 +91,23 @@ class _Hosted:
                 if df is None:
                     return
                 self.feed(df)
+            if self.reset_due:
+                self.reset_due = False
+                self.call("reset", self.plugin.reset)
             if time.monotonic() >= next_tick:
                 self.call("tick", self.plugin.tick, time.monotonic_ns())
+                if self.host.want_panels:
+                    self.refresh_panels()
                 next_tick = time.monotonic() + self.host.tick_s
+
+    def refresh_panels(self) -> None:
+        self.panels = self.call("panels", self._panels) or []
+
+    def _panels(self) -> list[Panel]:
+        panels = self.plugin.panels()
+        if not (isinstance(panels, list) and all(isinstance(p, Panel) for p in panels)):
+            raise TypeError("panels() must return list[Panel]")
+        return panels
 
     def finish(self) -> None:
         if self.queue is not None:
@@ -111,9 +130,11 @@ class PluginSink:
                  options: dict[str, dict[str, Any]] | None = None, *,
                  queue_batches: int = QUEUE_BATCHES, tick_s: float = TICK_S,
                  out_dir: Path | None = None, stream: TextIO | None = None,
-                 err: TextIO | None = None) -> None:
+                 err: TextIO | None = None, panels: bool = False) -> None:
         """Start every plugin. `options`: per plugin name (defaults when absent). At close,
-        tables go as CSV files into `out_dir` and as text to `stream`, when given."""
+        tables go as CSV files into `out_dir` and as text to `stream`, when given. `panels`: a
+        live viewer will call panels()."""
+        self.want_panels = panels
         self.queue_batches = queue_batches
         self.tick_s = tick_s
         self.out_dir = out_dir
@@ -148,6 +169,21 @@ class PluginSink:
             write_tables(self.results, self.out_dir)
         if self.stream is not None:
             print(format_tables(self.results), file=self.stream)
+
+    def panels(self) -> dict[str, list[Panel]]:
+        """Each working plugin's latest panels (live: as of its last tick; offline: now)."""
+        if not self.live:
+            for h in self._hosted:
+                h.refresh_panels()
+        return {h.name: h.panels for h in self._hosted if not h.failed}
+
+    def reset(self) -> None:
+        """Ask every plugin to start its panels afresh (live: before its next batch)."""
+        for h in self._hosted:
+            if self.live:
+                h.reset_due = True
+            else:
+                h.call("reset", h.plugin.reset)
 
     @property
     def failed(self) -> list[str]:

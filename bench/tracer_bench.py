@@ -1,0 +1,107 @@
+"""What tracing costs the traced workload: untraced vs `record --mode light` vs `--mode full`
+vs the bpftrace peer (bench/peer.bt), on the exerciser's 1 + 1 thread shmem workload pinned to
+CPU 0, alternating runs; then a soak at >= 100k faults/s for losses.
+
+The workload's own numbers (its p50 round trip and faults/s) are the measure; the tracer's
+start-up, CPU and BPF run time come from `record --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.exerciser_bench import alternate, summarize
+
+PEER = Path(__file__).with_name("peer.bt")
+UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
+TARGETS = {"light": 1.10, "full": 1.20}  # p50 vs untraced
+STARTUP_TARGET_S = 2.0
+
+
+def _workload(pages: int) -> list[str]:
+    return [*UFFDTRACE, "exercise", "--pages", str(pages), "--cpus", "0", "--json"]
+
+
+def untraced(pages: int) -> dict[str, float]:
+    out = subprocess.run(_workload(pages), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def traced(pages: int, mode: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "workload.json"
+        command = " ".join(_workload(pages)) + f" > {result}"
+        out = subprocess.run(
+            [*UFFDTRACE, "record", "--mode", mode, "-o", "/dev/null", "--json", "--",
+             "sh", "-c", command], capture_output=True, text=True, check=True)
+        tracer = json.loads(out.stdout)
+        sample = json.loads(result.read_text())
+    if tracer["faults"] != sample["faults"]:
+        raise SystemExit(f"bench: tracer saw {tracer['faults']} of {sample['faults']} faults")
+    sample.update(startup_s=tracer["startup_s"], tracer_cpu_s=tracer["tracer_cpu_s"],
+                  bpf_ms=tracer["bpf_run_ns"] / 1e6, lost=tracer["lost_total"])
+    return sample
+
+
+def peer(pages: int) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".txt") as hist:
+        out = subprocess.run(
+            ["bpftrace", "-o", hist.name, "-c", " ".join(_workload(pages)), str(PEER)],
+            capture_output=True, text=True, check=True)
+        if "@stall_us" not in Path(hist.name).read_text():
+            raise SystemExit("bench: bpftrace printed no stall histogram")
+    return json.loads(out.stdout)
+
+
+def overhead_rows(pages: int = 100_000, runs: int = 5) -> list[dict[str, Any]]:
+    base, light, full, bt = alternate(
+        runs,
+        lambda: untraced(pages),
+        lambda: traced(pages, "light"),
+        lambda: traced(pages, "full"),
+        lambda: peer(pages),
+    )
+    rows = []
+    for name, samples in (("untraced", base), ("record --mode light", light),
+                          ("record --mode full", full), ("bpftrace peer", bt)):
+        row = summarize(name, samples)
+        for key in ("startup_s", "tracer_cpu_s", "bpf_ms", "lost"):
+            if key in samples[0]:
+                row[key] = statistics.median(s[key] for s in samples)
+        rows.append(row)
+    untraced_row = rows[0]
+    for row in rows:
+        row["p50_ratio"] = row["p50_us"] / untraced_row["p50_us"]
+        row["rate_ratio"] = row["faults_per_s"] / untraced_row["faults_per_s"]
+    return rows
+
+
+def soak(seconds: float = 60.0, pages: int = 300_000, mode: str = "full") -> dict[str, Any]:
+    """Back-to-back exerciser runs under one `record` for `seconds`: losses and the rate."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "runs.jsonl"
+        loop = (f"end=$(($(date +%s) + {int(seconds)})); while [ $(date +%s) -lt $end ]; do "
+                + " ".join(_workload(pages)) + f" >> {log}; done")
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [*UFFDTRACE, "record", "--mode", mode, "-o", "/dev/null", "--json", "--",
+             "sh", "-c", loop], capture_output=True, text=True, check=True)
+        wall = time.monotonic() - t0
+        tracer = json.loads(out.stdout)
+        runs = [json.loads(line) for line in log.read_text().splitlines()]
+    return {
+        "mode": mode,
+        "seconds": round(wall, 1),
+        "workload_faults": sum(r["faults"] for r in runs),
+        "recorded_faults": tracer["faults"],
+        "lost": tracer["lost_total"],
+        "median_run_rate_per_s": statistics.median(r["rate_per_s"] for r in runs),
+        "tracer_cpu_s": tracer["tracer_cpu_s"],
+    }

@@ -1,0 +1,168 @@
+"""`uffdtrace exercise` (and `demo`) as a user runs them, on the real kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import handler_processes
+
+from uffdtrace.exerciser.hugepages import available_hugepages, nr_hugepages
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
+
+
+NOBODY = 65534  # uid and gid of nobody / nogroup
+
+
+def uffdtrace(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI (as `user`, a uid = gid, if given)."""
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    return subprocess.run([*prefix, *UFFDTRACE, *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def wait_for_file(path: Path, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and (text := path.read_text().strip()):
+            return text
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_json_and_csv(tmp_path):
+    faults, ops = tmp_path / "faults.csv", tmp_path / "ops.csv"
+    out = uffdtrace("exercise", "--pages", "300", "--threads", "2", "--write-fraction", "0.5",
+                    "--json", "--csv", str(faults), "--ops-csv", str(ops))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["faults"] == 300 and summary["errors"] == 0 and summary["mismatches"] == 0
+    assert summary["p50_ns"] <= summary["p99_ns"] <= summary["max_ns"]
+    assert summary["rate_per_s"] > 0
+    f = pd.read_csv(faults)
+    assert list(f.columns) == ["tid", "thread", "addr", "page", "write", "start_ns", "end_ns",
+                               "stall_ns", "msg_ns", "handler_tid", "flags"]
+    assert len(f) == 300 and sorted(f["page"]) == list(range(300))
+    assert f["stall_ns"].median() == pytest.approx(summary["p50_ns"], abs=1)
+    o = pd.read_csv(ops)
+    assert list(o.columns) == ["handler_tid", "op", "role", "start_ns", "end_ns", "addr", "len",
+                               "errno", "mapped"]
+    assert len(o) == 300 and set(o["op"]) == {"continue"}
+
+
+def test_human_summary_and_help():
+    out = uffdtrace("exercise", "--pages", "200", "--misuse", "copy-on-minor")
+    assert out.returncode == 0, out.stderr
+    for text in ("200 of 200 touches", "faults/s", "p50", "p99", "µs", "errors: EEXIST 200",
+                 "failed with EEXIST", "verified  200 pages: all hold the expected bytes"):
+        assert text in out.stdout, (text, out.stdout)
+    helped = uffdtrace("exercise", "--help")
+    assert helped.returncode == 0 and "examples:" in helped.stdout
+    assert "--pid-file" in helped.stdout and "--misuse" in helped.stdout
+
+
+def test_pid_file_and_delay_let_a_tracer_attach(tmp_path):
+    pid_file = tmp_path / "pid"
+    proc = subprocess.Popen(
+        [*UFFDTRACE, "exercise", "--pages", "100", "--delay-s", "1", "--pid-file",
+         str(pid_file), "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(wait_for_file(pid_file))
+        assert pid == proc.pid
+        # During the delay the uffd exists and the mapping is registered for minor faults.
+        fds = []
+        deadline = time.monotonic() + 5
+        while "anon_inode:[userfaultfd]" not in fds and time.monotonic() < deadline:
+            fds = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            time.sleep(0.02)
+        assert "anon_inode:[userfaultfd]" in fds
+        assert any(line.startswith("VmFlags:") and " ui" in line
+                   for line in Path(f"/proc/{pid}/smaps").read_text().splitlines())
+        assert proc.poll() is None, "did not wait"
+    finally:
+        stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert json.loads(stdout)["faults"] == 100
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_cleans_up(tmp_path, sig, status):
+    """Interrupted during a hugetlb run with a handler process: hugepages given back, the
+    handler process gone, no traceback."""
+    pid_file = tmp_path / "pid"
+    before = nr_hugepages()
+    proc = subprocess.Popen(
+        [*UFFDTRACE, "exercise", "--backing", "hugetlb", "--pages",
+         str(available_hugepages() + 4), "--handler", "process", "--delay-s", "30",
+         "--pid-file", str(pid_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = int(wait_for_file(pid_file))
+    deadline = time.monotonic() + 20
+    while not handler_processes(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert handler_processes(pid), "handler process never started"
+    assert nr_hugepages() == before + 4
+    time.sleep(0.1)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert nr_hugepages() == before
+    assert not handler_processes(pid)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "fastest"], "unknown policy 'fastest'"),
+        (["--backing", "tmpfs"], "unknown backing 'tmpfs'"),
+        (["--pages", "0"], "pages must be an integer"),
+        (["--pages", "many"], "invalid int value"),
+        (["--pages", "100000000"], "beyond the memory available"),
+        (["--backing", "hugetlb", "--pages", "1000000"], "MiB is available"),
+        (["--cpus", "4096"], "CPU 4096 is not available"),
+        (["--cpus", "zero"], "--cpus takes CPU ids"),
+        (["--mode", "minor", "--misuse", "continue-on-missing"], "needs mode missing"),
+        (["--misuse", "copy-everything"], "unknown misuse"),
+        (["--write-fraction", "2"], "write fraction must be between 0 and 1"),
+        (["--csv", "/nonexistent/dir/faults.csv"], "cannot write /nonexistent/dir/faults.csv"),
+    ],
+)
+def test_bad_input_is_one_line(args, message):
+    out = uffdtrace("exercise", *args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert out.stdout == ""
+
+
+def test_hugepages_without_root_is_one_line():
+    needed = available_hugepages() + 1
+    out = uffdtrace("exercise", "--backing", "hugetlb", "--pages", str(needed), user=NOBODY)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"need {needed} free 2 MiB hugepages" in lines[0], out.stderr
+
+
+def test_shmem_needs_no_root():
+    """UFFD_USER_MODE_ONLY: minor faults on shmem work for an unprivileged user."""
+    out = uffdtrace("exercise", "--pages", "50", "--json", user=NOBODY)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["faults"] == 50
+
+
+def test_demo_runs():
+    out = uffdtrace("demo", "--pages", "200")
+    assert out.returncode == 0, out.stderr
+    assert "verified  200 pages: all hold the expected bytes" in out.stdout

@@ -1,0 +1,113 @@
+"""Watch userfaultfd faults live: latency histograms, rates, threads by stall, errors.
+
+Panels come from plugins (latency, blocktime, timeline, misuse, and any --plugin that defines
+panels()). The tracer drains in a worker thread; the screen refreshes every --interval. On
+quit, Ctrl-C, SIGTERM, the traced command's exit or the terminal closing, the screen is
+restored, BPF programs are detached and the summary of `record` is printed. A traced
+command's output is held back while the screen is up and printed before the summary.
+
+keys: p pause/resume  r reset  m cycle metric (stall/notify/wake-to-run, continue/handler)
+      l linear/log bars  o sort column  f filter tables by pid  s save snapshot CSVs  q quit
+
+examples:
+  uffdtrace top -- uffdtrace exercise --pages 200000 --cpus 0
+  uffdtrace top -p 4242 --mode light
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from uffdtrace.commands.record import build_summary, print_summary
+from uffdtrace.errors import UserError
+from uffdtrace.plugins import RunContext, parse_options, resolve
+from uffdtrace.probes.tracepoint import MODES, TraceScope
+from uffdtrace.session import Session
+from uffdtrace.sinks.plugins import PluginSink
+from uffdtrace.targets import LaunchedCommand, check_pids
+from uffdtrace.tui import run_top
+
+NAME = "top"
+HELP = "live view: latency histograms, rates, threads by stall"
+PANEL_PLUGINS = ("latency", "timeline", "blocktime", "misuse")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
+                   help="trace this process and all its threads (repeatable)")
+    p.add_argument("--all", action="store_true", help="trace every process")
+    p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
+    p.add_argument("--interval", type=float, default=0.5, metavar="S",
+                   help="screen refresh period in seconds (default: 0.5)")
+    p.add_argument("--snapshot-dir", type=Path, default=Path(), metavar="DIR",
+                   help="where the save key writes its CSV files (default: .)")
+    p.add_argument("--plugin", action="append", default=[], metavar="NAME|PATH",
+                   help="also show this plugin's panels (repeatable)")
+    p.add_argument("--opt", action="append", default=[], metavar="PLUGIN.NAME=VALUE",
+                   help="set a plugin option (repeatable)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="trace COMMAND from its start, with its threads and children")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if sum([bool(args.pid), args.all, bool(command)]) != 1:
+        raise UserError("choose exactly one target: -p PID, --all, or -- COMMAND")
+    if not 0.05 <= args.interval <= 1.0:
+        raise UserError("--interval must be between 0.05 and 1 s")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError("top needs a terminal (use `uffdtrace record` otherwise)")
+    pids = check_pids(args.pid)
+    infos = resolve([*PANEL_PLUGINS, *(s for s in args.plugin if s not in PANEL_PLUGINS)])
+    ctx = RunContext(targets=tuple(f"pid {p}" for p in pids) or (" ".join(command) or "all",),
+                     backend="tracepoint", mode=args.mode, tables=False)
+    errors = io.StringIO()  # plugin failures: shown in the app, printed after it
+    host = PluginSink(infos, ctx, parse_options(args.opt, infos), tick_s=args.interval,
+                      err=errors, panels=True)
+    with tempfile.TemporaryFile() as held:  # the command's output, shown after the screen
+        launched = launch(command, held.fileno()) if command else None
+        scope = TraceScope(pids=tuple(pids) + ((launched.pid,) if launched else ()),
+                           all=args.all, follow_children=bool(launched))
+        session = Session(args.mode, scope, [host])
+        try:
+            print("uffdtrace: starting the tracer...", file=sys.stderr)
+            session.start()
+            if launched:
+                launched.release()
+            run_top(session, host,
+                    until=lambda: launched is not None and launched.poll() is not None,
+                    interval_s=args.interval, snapshot_dir=args.snapshot_dir)
+        finally:
+            if launched and launched.poll() is None:
+                launched.terminate()
+                launched.wait()
+            info = session.close()
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            held.seek(0)
+            sys.stdout.flush()
+            shutil.copyfileobj(held, sys.stdout.buffer)
+            sys.stdout.flush()
+            print(errors.getvalue(), end="", file=sys.stderr)
+            print_summary(build_summary(session, info, args.mode, launched), sys.stderr)
+    return 1 if host.failed else 0
+
+
+def launch(command: list[str], out_fd: int) -> LaunchedCommand:
+    """LaunchedCommand(command) with its stdout and stderr on `out_fd`, so that it cannot
+    draw over the screen."""
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        return LaunchedCommand(command)
+    finally:
+        for fd, target in zip(saved, (1, 2), strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
