@@ -66,9 +66,11 @@ stamp="$VENV/.uffdtrace-installed"
 NATIVE=(uffdtrace.exerciser._exerciser uffdtrace.migration._migration)
 import_native() { "$VENV/bin/python" -c "import bcc; $(printf 'import %s; ' "${NATIVE[@]}")"; }
 # Reinstall when packaging or any cffi source changed since the last install.
-changed=$(find pyproject.toml setup.py uffdtrace/*/build.py uffdtrace/*/*.[ch] \
-               -newer "$stamp" 2>/dev/null | head -1)
-if [[ ! -e "$stamp" || -n "$changed" ]] || ! import_native 2>/dev/null; then
+changed=yes
+if [[ -e "$stamp" ]]; then
+    changed=$(find pyproject.toml setup.py uffdtrace/*/build.py uffdtrace/*/*.[ch] -newer "$stamp")
+fi
+if [[ -n "$changed" ]] || ! import_native 2>/dev/null; then
     say "installing uffdtrace (editable) and building the cffi exerciser"
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
