@@ -1,4 +1,4 @@
-"""`uffdtrace exercise` (and `demo`) as a user runs them, on the real kernel."""
+"""`uffdtrace exercise` as a user runs it, on the real kernel."""
 
 from __future__ import annotations
 
@@ -160,9 +160,3 @@ def test_shmem_needs_no_root():
     out = uffdtrace("exercise", "--pages", "50", "--json", user=NOBODY)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["faults"] == 50
-
-
-def test_demo_runs():
-    out = uffdtrace("demo", "--pages", "200")
-    assert out.returncode == 0, out.stderr
-    assert "verified  200 pages: all hold the expected bytes" in out.stdout

@@ -61,7 +61,7 @@ CASES = [
 @pytest.mark.parametrize("mode", ["full", "light"])
 @pytest.mark.parametrize(("backing", "threads", "handler", "policy"), CASES)
 def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy):
-    pages = 3000 if backing == "shmem" else 400
+    pages = 3000 if backing == "shmem" else 1000
     args = ["--backing", backing, "--pages", str(pages), "--threads", str(threads),
             "--handler", handler, "--policy", policy]
     if policy == "copy":
@@ -106,13 +106,14 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
     assert len(joined) == len(gt)
     joined = joined[joined["outcome"] == "resolved"]
     truth, measured = joined["stall_ns_gt"].to_numpy(), joined["stall_ns"].to_numpy(dtype=float)
-    # Per fault: |touch duration - stall| within 5 % or 2 us, for the median fault and the
-    # 99th percentile fault. (What remains is the exception entry and exit around the fault,
-    # ~1.2 us here, and a touch preempted just before or after its fault.)
+    # Fault by fault, |touch duration - stall| within 5 % or 2 us for the median fault and the
+    # 99th-percentile one. What separates the two is the exception entry and exit around the
+    # fault (~1 us here) and, rarely, a touch interrupted just before or after its fault or a
+    # thread's first, cold fault: enough faults keep those under 1 %.
     error = np.abs(truth - measured) / np.maximum(0.05 * truth, 2000)
-    assert np.percentile(error, 50) <= 1, np.percentile(truth - measured, [50, 99, 100])
-    if len(error) >= 100:  # below that, "p99" is just the slowest fault
-        assert np.percentile(error, 99) <= 1, np.percentile(truth - measured, [50, 99, 100])
+    qs = (50, 99) if len(truth) >= 100 else (50,)  # below 100 faults "p99" is the slowest one
+    for q in qs:
+        assert np.percentile(error, q) <= 1, (q, np.percentile(truth - measured, [50, 99, 100]))
     assert close_enough(np.median(measured), np.median(truth))
     assert set(rec["handler_pid"].dropna()) <= {gt_summary["pid"], gt_summary["handler_pid"]}
 

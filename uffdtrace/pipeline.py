@@ -26,7 +26,9 @@ from uffdtrace.probes.records import (
 )
 
 RESOLVERS = {"CONTINUE", "COPY", "ZEROPAGE", "WAKE"}
+RESOLVER_BY_NR = np.array([UFFDIO_NAMES.get(nr, "other") for nr in range(256)], dtype=object)
 FAILED_IOCTL_MEMORY = 4096  # recent failed ioctls kept to attribute errnos to faults
+EXIT_MEMORY_NS = 5_000_000_000  # how long resolving ioctls' exits wait for their faults
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Assembler:
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
     _failed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         {c: pd.Series(dtype="int64") for c in ("start", "end", "enter", "errno")}))
-    _exits: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict)
+    _exits: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        {c: pd.Series(dtype="int64") for c in ("handler_tid", "cont_enter_ns", "cont_exit_ns", "mapped")}))
     register_ranges: list[dict] = field(default_factory=list)
 
     def feed(self, raw: np.ndarray) -> pd.DataFrame:
@@ -80,11 +83,13 @@ class Assembler:
                 {"pid": int(rec["pid"]), "start": int(rec["addr"]), "len": int(rec["len"]),
                  "mode": int(rec["x"]), "ok": int(rec["ret"]) == 0})
         resolving = io[np.isin(io["nr"], [0x02, 0x03, 0x04, 0x07])]
-        for tid, enter, exit_ns, ret, mapped in zip(
-            resolving["tid"].tolist(), resolving["t0"].tolist(), resolving["t1"].tolist(),
-            resolving["ret"].tolist(), resolving["mapped"].tolist(), strict=True,
-        ):
-            self._exits[(tid, enter)] = (exit_ns, ret, mapped)
+        if len(resolving):
+            self._exits = pd.concat([self._exits, pd.DataFrame({
+                "handler_tid": resolving["tid"].astype(np.int64),
+                "cont_enter_ns": resolving["t0"].astype(np.int64),
+                "cont_exit_ns": resolving["t1"].astype(np.int64),
+                "mapped": resolving["mapped"].astype(np.int64),
+            })], ignore_index=True)
 
     def _faults(self, f: np.ndarray) -> pd.DataFrame:
         if not len(f):
@@ -108,7 +113,7 @@ class Assembler:
             "fault_ns": fault,
             "pid": f["pid"].astype(np.int64),
             "tid": f["tid"].astype(np.int64),
-            "comm": pd.array([c.decode(errors="replace") for c in f["comm"]], dtype="string"),
+            "comm": _decode(f["comm"]),
             "addr": f["addr"].astype(np.int64),
             "block_ns": block,
             "msg_ns": msg,
@@ -122,7 +127,7 @@ class Assembler:
                                  ["unresolved_exit", "resolved"], "no_wait"),
         })
         df["outcome"] = df["outcome"].astype("string")
-        resolver = pd.Series([UFFDIO_NAMES.get(int(n), "other") for n in f["nr"]], dtype="string")
+        resolver = pd.Series(RESOLVER_BY_NR[f["nr"]], dtype="string")
         df["resolver"] = resolver.where(cont_enter.notna().to_numpy())
         df["errno"] = pd.Series(0 if full else pd.NA, index=df.index, dtype="Int64")
         self._classify(df, f, full)
@@ -150,21 +155,25 @@ class Assembler:
         if df.empty:
             self.pending = empty_faults()
             return empty_faults()
-        keys = list(zip(df["handler_tid"].fillna(0).astype("int64"),
-                        df["cont_enter_ns"].fillna(0).astype("int64"), strict=True))
-        exits = [self._exits.get(k) for k in keys]
-        has_exit = np.array([e is not None for e in exits], dtype=bool)
-        df["cont_exit_ns"] = pd.array([e[0] if e else None for e in exits], dtype="Int64")
-        df["mapped"] = pd.array([e[2] if e else None for e in exits], dtype="Int64")
+        keys = ["handler_tid", "cont_enter_ns"]
+        df = df.drop(columns=["cont_exit_ns", "mapped"], errors="ignore").merge(
+            self._exits.astype("Int64"), on=keys, how="left")
+        has_exit = df["cont_exit_ns"].notna().to_numpy()
         waiting = df["cont_enter_ns"].notna().to_numpy() & ~has_exit
         if final or self.mode != "full":
             waiting[:] = False
         self.pending = coerce_faults(df[waiting]).reset_index(drop=True)
         done = df[~waiting].copy()
-        for k in [k for k, has in zip(keys, has_exit, strict=True) if has]:
-            self._exits.pop(k, None)
+        self._forget_old_exits()
         self._attach_errnos(done)
         return derive_durations(coerce_faults(done)).reset_index(drop=True)
+
+    def _forget_old_exits(self) -> None:
+        """An ioctl may resolve many faults (a WAKE over a range), so its exit is kept for a
+        while rather than dropped at first use; faults reach us within seconds of it."""
+        if len(self._exits):
+            newest = self._exits["cont_exit_ns"].max()
+            self._exits = self._exits[self._exits["cont_exit_ns"] >= newest - EXIT_MEMORY_NS]
 
     def _attach_errnos(self, df: pd.DataFrame) -> None:
         """errno of the last failed uffd ioctl on the fault's page while it was in flight."""
@@ -178,6 +187,13 @@ class Assembler:
             hit = (addr >= start) & (addr < end) & (lo <= enter) & (enter <= hi)
             errno[hit] = err
         df["errno"] = pd.array(errno, dtype="Int64")
+
+
+def _decode(names: np.ndarray) -> pd.Series:
+    """C strings -> pandas strings, decoding each distinct name once."""
+    distinct, index = np.unique(names, return_inverse=True)
+    decoded = np.array([n.decode(errors="replace") for n in distinct], dtype=object)
+    return pd.Series(decoded[index], dtype="string")
 
 
 def derive_durations(df: pd.DataFrame) -> pd.DataFrame:
