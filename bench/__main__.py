@@ -1,28 +1,63 @@
-"""`python -m bench`: benchmark rows as a table, and the exerciser's overhead target."""
+"""`python -m bench` (`make bench`): the exerciser against a minimal C loop, then what tracing
+costs the workload, then a soak for losses. Run it on a quiet machine."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from bench.exerciser_bench import TARGET_RATIO, rows
+from bench import exerciser_bench, tracer_bench
 from bench.table import format_table
 
-COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio"]
+EXERCISER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio"]
+TRACER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio",
+                  "startup_s", "tracer_cpu_s", "bpf_ms", "lost"]
 
 
 def main() -> int:
-    load = os.getloadavg()[0]
-    print("shmem minor faults, 1 faulting + 1 handler thread, 100k faults; medians of 5 runs "
-          f"(alternating); load average {load:.2f} at start (other work skews these)",
-          flush=True)
-    table = rows()
-    print(format_table(table, COLUMNS))
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=5, help="alternating runs per row")
+    parser.add_argument("--soak-s", type=float, default=60.0, help="soak duration (0: skip)")
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f} (benchmark a quiet machine)\n", flush=True)
+    verdicts = []
+
+    print("shmem minor faults, 1 faulting + 1 handler thread, 100k faults; medians of "
+          f"{args.runs} alternating runs", flush=True)
+    table = exerciser_bench.rows(runs=args.runs)
+    print(format_table(table, EXERCISER_COLUMNS))
     pinned = next(r for r in table if r["name"] == "exerciser, pinned cpu0")
-    ok = pinned["p50_ratio"] <= TARGET_RATIO
-    print(f"\ntarget: exerciser p50 within {TARGET_RATIO - 1:.0%} of the minimal loop, pinned: "
-          f"{'met' if ok else 'MISSED'} (ratio {pinned['p50_ratio']:.3f})")
-    return 0 if ok else 1
+    verdicts.append((f"exerciser p50 within {exerciser_bench.TARGET_RATIO - 1:.0%} of the "
+                     "minimal loop (pinned)", pinned["p50_ratio"] <= exerciser_bench.TARGET_RATIO,
+                     f"ratio {pinned['p50_ratio']:.3f}"))
+
+    print("\nthe same workload pinned to CPU 0, traced; tracer unpinned", flush=True)
+    table = tracer_bench.overhead_rows(runs=args.runs)
+    print(format_table(table, TRACER_COLUMNS))
+    for row in table[1:3]:
+        mode = row["name"].split()[-1]
+        target = tracer_bench.TARGETS[mode]
+        verdicts.append((f"{mode}: p50 at most +{target - 1:.0%}", row["p50_ratio"] <= target,
+                         f"{row['p50_ratio'] - 1:+.1%}"))
+        verdicts.append((f"{mode}: start-up at most {tracer_bench.STARTUP_TARGET_S:.0f} s",
+                         row["startup_s"] <= tracer_bench.STARTUP_TARGET_S,
+                         f"{row['startup_s']:.2f} s"))
+        verdicts.append((f"{mode}: no lost events", row["lost"] == 0, f"{row['lost']:.0f} lost"))
+
+    if args.soak_s > 0:
+        for mode in ("light", "full"):
+            soak = tracer_bench.soak(seconds=args.soak_s, mode=mode)
+            print(f"\nsoak, {mode}: {soak}", flush=True)
+            verdicts.append((f"soak {mode}: every fault recorded, none lost",
+                             soak["lost"] == 0 and soak["recorded_faults"] == soak["workload_faults"],
+                             f"{soak['recorded_faults']}/{soak['workload_faults']}, "
+                             f"lost {soak['lost']}, {soak['median_run_rate_per_s']:.0f} faults/s"))
+
+    print("\ntargets:")
+    for what, ok, value in verdicts:
+        print(f"  {'met   ' if ok else 'MISSED'}  {what}: {value}")
+    return 0 if all(ok for _, ok, _ in verdicts) else 1
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Tables:
   processes  pid, threads, faults, blocked_ns, all_blocked_ns
 
 all_blocked_ns is the time during which every thread of the process seen faulting in the run
-was stalled at once: the measure of [fault_ns, resume_ns) over which the number of stalled
-threads equals the number of threads seen (faults without resume_ns count, but add no interval).
+was stalled at once: the measure of [fault_ns, fault_ns + stall_ns) over which the number of
+stalled threads equals the number of threads seen (faults without a stall count, but add no
+interval).
 
 Panel (live viewers): threads by total stall, with fault count and approximate p50/p99 stall.
 """
@@ -19,7 +20,7 @@ import pandas as pd
 from uffdtrace.plugins import Panel, Plugin, RunContext, Table
 from uffdtrace_plugins.latency import LogHistogram
 
-COLUMNS = ("pid", "tid", "comm", "fault_ns", "resume_ns", "stall_ns")
+COLUMNS = ("pid", "tid", "comm", "fault_ns", "stall_ns")
 
 
 def merge_intervals(pid: np.ndarray, tid: np.ndarray, start: np.ndarray, end: np.ndarray,
@@ -118,9 +119,10 @@ class BlocktimePlugin(Plugin):
                  .agg(threads=("tid", "size"), faults=("faults", "sum"),
                       blocked_ns=("blocked_ns", "sum"))
                  .reset_index())
-        timed = df[df["fault_ns"].notna() & df["resume_ns"].notna()]
-        pid, start, end = merge_intervals(*(timed[c].to_numpy(np.int64) for c in
-                                            ("pid", "tid", "fault_ns", "resume_ns")))
+        timed = df[df["fault_ns"].notna() & df["stall_ns"].notna()]
+        pid, tid, start, stall = (timed[c].to_numpy(np.int64)
+                                  for c in ("pid", "tid", "fault_ns", "stall_ns"))
+        pid, start, end = merge_intervals(pid, tid, start, start + stall)
         lo = np.searchsorted(pid, procs["pid"].to_numpy(np.int64), side="left")
         hi = np.searchsorted(pid, procs["pid"].to_numpy(np.int64), side="right")
         procs["all_blocked_ns"] = [
