@@ -237,3 +237,54 @@ def test_bad_input_is_one_line(argv):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(("uffdtrace", "usage"))
+
+
+def test_sigterm_leaves_a_complete_csv(tmp_path):
+    """SIGTERM mid-run: the tracer stops cleanly and every row it wrote is whole."""
+    csv = tmp_path / "rec.csv"
+    tracer = subprocess.Popen(
+        [*UFFDTRACE, "record", "-o", str(csv), "--json", "--", *UFFDTRACE, "exercise",
+         "--pages", "400000", "--threads", "2", "--fetch-delay-us", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):  # until rows are flowing
+        if csv.exists() and csv.stat().st_size > 100_000:
+            break
+        subprocess.run(["sleep", "0.05"])
+    tracer.terminate()
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err
+    summary = json.loads(out)
+    rec = pd.read_csv(csv)
+    assert list(rec.columns) == list(FAULT_COLUMNS)
+    assert 0 < len(rec) == summary["faults"]
+    assert rec["stall_ns"].notna().mean() > 0.9
+    assert summary["command_exit"] != 0  # the traced command was stopped with the tracer
+
+
+def test_all_processes(tmp_path):
+    """--all: faults of a process the tracer was never told about."""
+    csv = tmp_path / "rec.csv"
+    tracer = subprocess.Popen([*UFFDTRACE, "record", "--all", "-o", str(csv), "--json",
+                               "--duration", "8"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        status = tracer.stderr.readline()  # printed once the probes are attached
+        assert "started in" in status, status
+        work = subprocess.run([*UFFDTRACE, "exercise", "--pages", "2000", "--json"],
+                              capture_output=True, text=True, check=True)
+    finally:
+        _, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err
+    gt = json.loads(work.stdout)
+    rec = pd.read_csv(csv)
+    mine = rec[rec["pid"] == gt["pid"]]
+    assert len(mine) == gt["faults"] == 2000
+    assert (mine["kind"] == "minor").all()
+
+
+def test_kprobe_backend_is_refused_here():
+    out = subprocess.run([*UFFDTRACE, "record", "--backend", "kprobe", "--all", "-d", "1",
+                          "-o", "/dev/null"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "kprobes missing" in out.stderr and "tracepoint backend" in out.stderr

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uffdtrace.pipeline import Assembler
+from uffdtrace.probes.backends import resolve
 from uffdtrace.probes.bpfstats import BpfStats
 from uffdtrace.probes.calibration import calibrate, load_call_sites
 from uffdtrace.probes.paths import PathClassifier
@@ -32,6 +33,7 @@ class Session:
     mode: str
     scope: TraceScope
     sinks: list[Sink]
+    requested_backend: str = "auto"
     stats: FaultStats = field(default_factory=FaultStats)
     startup_s: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -44,7 +46,7 @@ class Session:
         self._me = os.getpid()
         self._wall0 = t0
         self._bpf_stats.enable()
-        backend = TracepointBackend(self.mode, self.scope)
+        backend = resolve(self.requested_backend)(self.mode, self.scope)
         backend.start()
         self.backend = backend
         self._add_handlers()

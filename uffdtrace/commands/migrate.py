@@ -51,6 +51,7 @@ TABLE = [  # (header, summary key, scale, format)
     ("waited", "prefetch_waits", 1, "{}"),
     ("blocktime ms", "blocktime_ns", 1e-6, "{:.1f}"),
     ("equal", "memory_equal", 1, "{}"),
+    ("target pid", "target_pid", 1, "{}"),
 ]
 
 

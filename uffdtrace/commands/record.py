@@ -24,6 +24,7 @@ import sys
 
 from uffdtrace.errors import UserError
 from uffdtrace.plugins import RunContext
+from uffdtrace.probes.backends import BACKENDS
 from uffdtrace.probes.records import LOST_REASONS, UFFD_EVENTS
 from uffdtrace.probes.tracepoint import MODES, TraceScope
 from uffdtrace.session import Session, stop_on_signals
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--duration", type=float, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C or the command ends)")
     p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (kprobes where the kernel has them, else tracepoints), tracepoint "
+                        "or kprobe (default: auto)")
     p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
                    help="trace this process and all its threads (repeatable); ends when they all have")
     p.add_argument("--all", action="store_true", help="trace every process")
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if launched:
             launched.terminate()
         raise UserError(f"cannot write {args.output}: {e.strerror}") from e
-    session = Session(args.mode, scope, [sink, *([plugin_sink] if plugin_sink else [])])
+    session = Session(args.mode, scope, [sink, *([plugin_sink] if plugin_sink else [])],
+                      requested_backend=args.backend)
     stop_on_signals(session)
     try:
         session.start()

@@ -28,6 +28,7 @@ from pathlib import Path
 from uffdtrace.commands.record import build_summary, print_summary
 from uffdtrace.errors import UserError
 from uffdtrace.plugins import RunContext, parse_options, resolve
+from uffdtrace.probes.backends import BACKENDS
 from uffdtrace.probes.tracepoint import MODES, TraceScope
 from uffdtrace.session import Session
 from uffdtrace.sinks.plugins import PluginSink
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace this process and all its threads (repeatable)")
     p.add_argument("--all", action="store_true", help="trace every process")
     p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (kprobes where the kernel has them, else tracepoints), tracepoint "
+                        "or kprobe (default: auto)")
     p.add_argument("--interval", type=float, default=0.5, metavar="S",
                    help="screen refresh period in seconds (default: 0.5)")
     p.add_argument("--snapshot-dir", type=Path, default=Path(), metavar="DIR",
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         launched = launch(command, held.fileno()) if command else None
         scope = TraceScope(pids=tuple(pids) + ((launched.pid,) if launched else ()),
                            all=args.all, follow_children=bool(launched))
-        session = Session(args.mode, scope, [host])
+        session = Session(args.mode, scope, [host], requested_backend=args.backend)
         try:
             print("uffdtrace: starting the tracer...", file=sys.stderr)
             session.start()
