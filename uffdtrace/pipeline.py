@@ -20,6 +20,7 @@ from uffdtrace.probes.records import (
     F_EXITED,
     F_MSG,
     F_RESUMED,
+    F_WOKEN,
     UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WP,
     UFFDIO_NAMES,
@@ -123,7 +124,7 @@ class Assembler:
             "return_ns": returned,
             "handler_pid": instant(f["peer_pid"]),
             "handler_tid": instant(f["peer_tid"]),
-            "outcome": np.select([(f["flags"] & F_EXITED) != 0, resumed],
+            "outcome": np.select([(f["flags"] & F_EXITED) != 0, (f["flags"] & F_WOKEN) != 0],
                                  ["unresolved_exit", "resolved"], "no_wait"),
         })
         df["outcome"] = df["outcome"].astype("string")

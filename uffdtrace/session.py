@@ -99,7 +99,7 @@ class Session:
         try:
             if self.backend is not None:
                 self.poll()
-                self._emit(self.assembler.feed(self.backend.resumed_in_flight()))
+                self._emit(self.assembler.feed(self.backend.woken_in_flight()))
                 self._emit(self.assembler.finish())
                 run_ns, run_cnt = self.backend.run_stats()
                 info = {

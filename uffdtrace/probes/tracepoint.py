@@ -12,7 +12,7 @@ import numpy as np
 from uffdtrace.errors import UserError
 from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
-from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_MSG, F_RESUMED, LOST_REASONS
+from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_MSG, F_WOKEN, LOST_REASONS
 from uffdtrace.probes.ringbuf import RingBufferReader
 
 MODES = ("light", "full")
@@ -90,12 +90,12 @@ class TracepointBackend:
     def drain(self) -> np.ndarray:
         return self._ring.drain()
 
-    def resumed_in_flight(self) -> np.ndarray:
-        """Faults that resumed but whose thread has not shown yet that it left the fault (no
-        later fault, switch-out or exit): at the end of a session they are complete."""
+    def woken_in_flight(self) -> np.ndarray:
+        """Woken faults whose thread has not shown yet that it left the fault (no return to
+        user space, later fault, switch-out or exit): at the end of a session they are done."""
         rows = []
         for k, st in self._bpf["inflight"].items():
-            if st.flags & (F_RESUMED | F_MSG):
+            if st.flags & (F_WOKEN | F_MSG):
                 rows.append((EV_FAULT, st.ioctl_nr, st.flags, st.tgid, k.value,
                              st.waker_pid, st.waker_tid, st.notify_tid, st.fault_ns, st.block_ns,
                              st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, 0, st.addr,
