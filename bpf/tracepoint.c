@@ -222,9 +222,10 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid)
 // (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
 // Fires in prev's context.
 RAW_TRACEPOINT_PROBE(sched_switch) {
+    // Only tracked threads have in-flight state, so one lookup filters both prev and next.
     u64 id = bpf_get_current_pid_tgid();
     u32 prev_tid = (u32)id;
-    if (is_tracked(id >> 32)) {
+    {
         struct fault_state *st = inflight.lookup(&prev_tid);
         if (st && !still_in_fault(st)) {
             // The fault has ended (T is off CPU for something else now).
@@ -260,9 +261,6 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
         }
     }
     struct task_struct *next = (struct task_struct *)ctx->args[2];
-    u32 next_tgid = task_field(next, TASK_TGID_OFF);
-    if (!is_tracked(next_tgid))
-        return 0;
     u32 next_tid = task_field(next, TASK_PID_OFF);
     struct fault_state *st = inflight.lookup(&next_tid);
     if (!st)
@@ -294,19 +292,14 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     struct task_struct *p = (struct task_struct *)ctx->args[0];
     u32 p_tid = task_field(p, TASK_PID_OFF);
 
-    if (is_tracked(id >> 32)) {
-        // T waking a task from inside its fault: handle_userfault notifying a handler.
-        struct fault_state *me = inflight.lookup(&cur_tid);
-        if (me && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
-            me->flags |= F_NOTIFIED;
-            me->notify_tid = p_tid;
-            me->notify_tgid = task_field(p, TASK_TGID_OFF);
-        }
+    // T waking a task from inside its fault: handle_userfault notifying a handler.
+    struct fault_state *me = inflight.lookup(&cur_tid);
+    if (me && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
+        me->flags |= F_NOTIFIED;
+        me->notify_tid = p_tid;
+        me->notify_tgid = task_field(p, TASK_TGID_OFF);
     }
 
-    u32 p_tgid = task_field(p, TASK_TGID_OFF);
-    if (!is_tracked(p_tgid))
-        return 0;
     struct fault_state *st = inflight.lookup(&p_tid);
     if (!st || (st->flags & F_WOKEN))
         return 0;
@@ -345,8 +338,6 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 // with rseq registered, as glibc >= 2.35 does by default): the true end of a resumed fault.
 RAW_TRACEPOINT_PROBE(rseq_update) {
     u64 id = bpf_get_current_pid_tgid();
-    if (!is_tracked(id >> 32))
-        return 0;
     u32 tid = (u32)id;
     struct fault_state *st = inflight.lookup(&tid);
     // Woken and now back in user space. (Rarely no switch-in of T was seen after its wakeup,
