@@ -1,8 +1,8 @@
 // uffdtrace tracepoint backend: userfaultfd fault timelines from raw tracepoints only.
 //
 // Loaded by uffdtrace/probes/tracepoint.py, which defines at compile time:
-//   TASK_PID_OFF, TASK_TGID_OFF   offsets in struct task_struct, read from the running
-//                                 kernel's BTF (headers here are for another kernel)
+//   TASK_PID_OFF, TASK_TGID_OFF,  offsets in struct task_struct, read from the running
+//   TASK_STATE_OFF                kernel's BTF (headers here are for another kernel)
 //   HUF_START, HUF_END            [start, end) of handle_userfault, from /proc/kallsyms
 //   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
 //   TRACE_ALL                     every process instead of the `tracked` set
@@ -303,10 +303,12 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     struct fault_state *st = inflight.lookup(&p_tid);
     if (!st || (st->flags & F_WOKEN))
         return 0;
-    // Woken in the fault: after a notify or a block we saw, or (handler busy, so no notify)
-    // before T even switched out — but not out of another kind of sleep.
-    if (!(st->flags & (F_NOTIFIED | F_BLOCKED)) &&
-        ((st->flags & F_OTHER_SLEEP) || !still_in_fault(st)))
+    // Woken in the fault: after a block we saw, or (no switch-out yet) from handle_userfault's
+    // TASK_INTERRUPTIBLE — not out of another kind of wait (a lock or I/O sleeps
+    // uninterruptibly; sched_waking fires before the state changes).
+    if (!(st->flags & F_BLOCKED) &&
+        ((st->flags & F_OTHER_SLEEP) || task_field(p, TASK_STATE_OFF) != TASK_INTERRUPTIBLE ||
+         !still_in_fault(st)))
         return 0;
     u64 now = bpf_ktime_get_ns();
     st->wake_ns = now;

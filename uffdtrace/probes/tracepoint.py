@@ -40,13 +40,14 @@ class TracepointBackend:
     _ring: RingBufferReader | None = field(default=None, repr=False)
 
     def cflags(self) -> list[str]:
-        offsets = struct_member_offsets("task_struct", ("pid", "tgid"))
+        offsets = struct_member_offsets("task_struct", ("pid", "tgid", "__state"))
         huf = kallsyms().range_of("handle_userfault")
         if huf is None:
             raise UserError("handle_userfault is not in /proc/kallsyms: no userfaultfd support?")
         flags = [
             f"-DTASK_PID_OFF={offsets['pid']}",
             f"-DTASK_TGID_OFF={offsets['tgid']}",
+            f"-DTASK_STATE_OFF={offsets['__state']}",
             f"-DHUF_START={huf[0]:#x}ULL",
             f"-DHUF_END={huf[1]:#x}ULL",
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
