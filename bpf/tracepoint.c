@@ -18,14 +18,16 @@
 //                                               in-flight uffd ioctl (which CONTINUE/COPY/WAKE)
 //   sched_switch, T switched in              -> resume_ns (again if T is switched out before
 //                                               it leaves the fault, e.g. preempted in the retry)
-// A fault whose message a handler read (FULL_MODE) but that never had to wait (resolved
-// before T slept) is recorded too, without resume. The FAULT record is emitted once the fault
-// has certainly ended: at T's next fault, when T
-// is switched out outside the fault, or at T's exit (user space collects the rest at the end).
-// A wakeup that lands before T switched out resumes it at once (resume = wake).
+//   rseq_update, T back to user space        -> return_ns: the FAULT record
+// Without a return to user space seen, the record goes out once the fault has certainly
+// ended: at T's next fault, when T is switched out outside the fault, or at T's exit (user
+// space collects the rest at the end). A wakeup that lands before T switched out resumes it
+// at once (resume = wake). In FULL_MODE a fault whose message a handler read but that never
+// had to wait (mapped before T slept) is recorded too, without resume.
+//
 // No per-fault kernel stacks (they cost ~0.7 us each here): one stack is sampled per
-// (process, 2 MiB region) at the first switch-out inside handle_userfault there, and user space classifies the caller of
-// handle_userfault (hugetlb / shmem / anon path) from it.
+// (process, 2 MiB region) at the first switch-out inside handle_userfault there, and user
+// space classifies the caller of handle_userfault (hugetlb / shmem / anon path) from it.
 
 #include <uapi/linux/ptrace.h>
 
