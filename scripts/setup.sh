@@ -68,10 +68,10 @@ import_native() { "$VENV/bin/python" -c "import bcc; $(printf 'import %s; ' "${N
 # Reinstall when packaging or any cffi source changed since the last install.
 changed=yes
 if [[ -e "$stamp" ]]; then
-    changed=$(find pyproject.toml setup.py uffdtrace/*/build.py uffdtrace/*/*.[ch] -newer "$stamp")
+    changed=$(find pyproject.toml setup.py uffdtrace/*.h uffdtrace/*/build.py uffdtrace/*/*.[ch] -newer "$stamp")
 fi
 if [[ -n "$changed" ]] || ! import_native 2>/dev/null; then
-    say "installing uffdtrace (editable) and building the cffi exerciser"
+    say "installing uffdtrace (editable) and building its cffi modules"
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
 else

@@ -21,7 +21,7 @@ ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "uffdtrace.exerciser._exerciser",
     (HERE / "exerciser.c").read_text(),
-    include_dirs=[str(HERE)],
+    include_dirs=[str(HERE), str(HERE.parent)],  # native_util.h
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread"],
 )

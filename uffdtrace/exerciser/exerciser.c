@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE
 #include "exerciser.h"
+#include "native_util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -113,13 +114,6 @@ struct run {
     int64_t pages_verified, mismatches, first_mismatch;
 };
 
-static inline int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* Record the first failure of the run; always returns -1. */
 static int fail(struct run *r, const char *step, int err)
 {
@@ -133,18 +127,6 @@ static int fail(struct run *r, const char *step, int err)
 static bool failed(const struct run *r)
 {
     return __atomic_load_n(&r->sh->err, __ATOMIC_SEQ_CST) != 0;
-}
-
-static void gate_wait(int32_t *gate)
-{
-    while (!__atomic_load_n(gate, __ATOMIC_ACQUIRE))
-        syscall(SYS_futex, gate, FUTEX_WAIT, 0, NULL, NULL, 0);
-}
-
-static void gate_open(int32_t *gate)
-{
-    __atomic_store_n(gate, 1, __ATOMIC_RELEASE);
-    syscall(SYS_futex, gate, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
 /* Page contents: 64-bit words encoding (version, page, word index); version 0 is zeros. */

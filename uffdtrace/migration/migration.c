@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE
 #include "migration.h"
+#include "native_util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -71,13 +72,6 @@ struct hdr {
 
 /* Per-page claim state of a stale page on the target. */
 enum { PAGE_UNCLAIMED = 0, PAGE_DEMAND = 1, PAGE_PREFETCH = 2, PAGE_MAPPED = 3 };
-
-static inline int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static void sleep_until(int64_t t)
 {
@@ -629,12 +623,6 @@ static void *prefetch_main(void *arg)
     return NULL;
 }
 
-static void gate_wait(int32_t *gate)
-{
-    while (!__atomic_load_n(gate, __ATOMIC_ACQUIRE))
-        syscall(SYS_futex, gate, FUTEX_WAIT, 0, NULL, NULL, 0);
-}
-
 /* Touch every page of this vCPU's share once, timing each touch. */
 static void *vcpu_main(void *arg)
 {
@@ -771,8 +759,7 @@ static int postcopy(struct target *t)
         }
     }
     t->res->resume_ns = now_ns();
-    __atomic_store_n(&t->go, 1, __ATOMIC_RELEASE);
-    syscall(SYS_futex, &t->go, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    gate_open(&t->go);
     watch_vcpus(t);
     for (int i = 0; i < started; i++)
         pthread_join(t->vcpu[i].thread, NULL);
