@@ -22,11 +22,16 @@ import argparse
 import json
 import sys
 
+from uffdtrace.commands.targeting import (
+    add_command_argument,
+    add_probe_arguments,
+    add_target_arguments,
+    chosen_command,
+    run_context,
+)
 from uffdtrace.errors import UserError
-from uffdtrace.plugins import RunContext
-from uffdtrace.probes.backends import BACKENDS
 from uffdtrace.probes.records import LOST_REASONS, UFFD_EVENTS
-from uffdtrace.probes.tracepoint import MODES, TraceScope
+from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session, stop_on_signals
 from uffdtrace.sinks.csv import CsvSink
 from uffdtrace.sinks.plugins import add_plugin_arguments, plugin_sink_from_args
@@ -42,31 +47,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-fault CSV (default: stdout)")
     p.add_argument("-d", "--duration", type=float, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C or the command ends)")
-    p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (kprobes where the kernel has them, else tracepoints), tracepoint "
-                        "or kprobe (default: auto)")
-    p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
-                   help="trace this process and all its threads (repeatable); ends when they all have")
-    p.add_argument("--all", action="store_true", help="trace every process")
+    add_probe_arguments(p)
+    add_target_arguments(p, "trace this process and all its threads (repeatable); ends when "
+                            "they all have")
     p.add_argument("-j", "--json", action="store_true", help="summary as JSON on stdout")
     add_plugin_arguments(p)
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                   help="trace COMMAND from its start, with its threads and children")
+    add_command_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    chosen = sum([bool(args.pid), args.all, bool(command)])
-    if chosen != 1:
-        raise UserError("choose exactly one target: -p PID, --all, or -- COMMAND")
+    command = chosen_command(args)
     if args.duration is not None and args.duration <= 0:
         raise UserError("--duration must be positive")
     if args.json and not args.output:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
     pids = check_pids(args.pid)
-    ctx = RunContext(targets=tuple(f"pid {p}" for p in pids) or (" ".join(command) or "all",),
-                     backend="tracepoint", mode=args.mode)
+    ctx = run_context(pids, command, args.mode)
     plugin_sink = plugin_sink_from_args(args, ctx, stream=sys.stderr) if args.plugin else None
 
     launched = LaunchedCommand(command) if command else None

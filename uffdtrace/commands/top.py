@@ -26,10 +26,16 @@ import tempfile
 from pathlib import Path
 
 from uffdtrace.commands.record import build_summary, print_summary
+from uffdtrace.commands.targeting import (
+    add_command_argument,
+    add_probe_arguments,
+    add_target_arguments,
+    chosen_command,
+    run_context,
+)
 from uffdtrace.errors import UserError
-from uffdtrace.plugins import RunContext, parse_options, resolve
-from uffdtrace.probes.backends import BACKENDS
-from uffdtrace.probes.tracepoint import MODES, TraceScope
+from uffdtrace.plugins import parse_options, resolve
+from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session
 from uffdtrace.sinks.plugins import PluginSink
 from uffdtrace.targets import LaunchedCommand, check_pids
@@ -41,13 +47,8 @@ PANEL_PLUGINS = ("latency", "timeline", "blocktime", "misuse")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
-                   help="trace this process and all its threads (repeatable)")
-    p.add_argument("--all", action="store_true", help="trace every process")
-    p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (kprobes where the kernel has them, else tracepoints), tracepoint "
-                        "or kprobe (default: auto)")
+    add_target_arguments(p, "trace this process and all its threads (repeatable)")
+    add_probe_arguments(p)
     p.add_argument("--interval", type=float, default=0.5, metavar="S",
                    help="screen refresh period in seconds (default: 0.5)")
     p.add_argument("--snapshot-dir", type=Path, default=Path(), metavar="DIR",
@@ -56,22 +57,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also show this plugin's panels (repeatable)")
     p.add_argument("--opt", action="append", default=[], metavar="PLUGIN.NAME=VALUE",
                    help="set a plugin option (repeatable)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                   help="trace COMMAND from its start, with its threads and children")
+    add_command_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if sum([bool(args.pid), args.all, bool(command)]) != 1:
-        raise UserError("choose exactly one target: -p PID, --all, or -- COMMAND")
+    command = chosen_command(args)
     if not 0.05 <= args.interval <= 1.0:
         raise UserError("--interval must be between 0.05 and 1 s")
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserError("top needs a terminal (use `uffdtrace record` otherwise)")
     pids = check_pids(args.pid)
     infos = resolve([*PANEL_PLUGINS, *(s for s in args.plugin if s not in PANEL_PLUGINS)])
-    ctx = RunContext(targets=tuple(f"pid {p}" for p in pids) or (" ".join(command) or "all",),
-                     backend="tracepoint", mode=args.mode, tables=False)
+    ctx = run_context(pids, command, args.mode, tables=False)
     errors = io.StringIO()  # plugin failures: shown in the app, printed after it
     host = PluginSink(infos, ctx, parse_options(args.opt, infos), tick_s=args.interval,
                       err=errors, panels=True)
