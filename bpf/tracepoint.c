@@ -8,6 +8,9 @@
 //   TRACE_ALL                     every process instead of the `tracked` set
 //   FOLLOW_CHILDREN               children of tracked processes become tracked
 //   RINGBUF_PAGES, MAX_THREADS    sizes
+//   KPROBE_BACKEND                bpf/kprobe.c is appended: kernel-function hooks refine the
+//                                 timeline (no stack sampling)
+//   IOCTL_KPROBE                  uffd ioctls come from userfaultfd_ioctl's hooks (bpf/kprobe.c)
 //
 // Per fault of a tracked thread T (state in `inflight`, keyed by tid):
 //   page_fault_user                          -> fault_ns, address, error code, comm
@@ -46,6 +49,23 @@ enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
 #define F_OTHER_SLEEP 128  // T is asleep in the fault for another reason (e.g. I/O, a lock)
 #define F_RESUMED 256      // T ran again after the wakeup; resume_ns is its latest return
 #define F_OFF_AGAIN 512    // ... and was switched out again before leaving the fault
+#define F_UFFD 1024        // T entered handle_userfault (KPROBE_BACKEND); reason in `reason`
+#define F_HUGETLB 2048     // T's fault went through hugetlb_fault (KPROBE_BACKEND)
+#define F_SHMEM 4096       // ... through shmem's fault handler (KPROBE_BACKEND)
+// Which in-flight faults are uffd faults, and get a record when they end.
+#ifdef KPROBE_BACKEND
+#define F_RECORDED F_UFFD             // handle_userfault itself says so
+#define F_RECORDED_AT_EXIT F_UFFD
+#else
+#define F_RECORDED (F_WOKEN | F_MSG)  // woken inside the fault, or its message read
+#define F_RECORDED_AT_EXIT (F_RECORDED | F_EXITED)
+#endif
+
+// IOCTL flags (KPROBE_BACKEND): kernel functions the ioctl went through
+#define IO_MFILL 1         // the mcopy/mfill function of its command; t2 = time inside
+#define IO_HUGETLB 2       // a hugetlb PTE-install function
+#define IO_SHMEM 4         // shmem's PTE-install function (COPY / ZEROPAGE)
+#define IO_PTE 8           // the generic PTE install (CONTINUE on shmem, anon)
 
 // Lost-record counters (per CPU).
 enum lost_reason { LOST_RINGBUF = 0, LOST_INFLIGHT_FULL = 1, LOST_IOCTL_FULL = 2, LOST_REASONS = 3 };
@@ -62,8 +82,8 @@ struct event {
     u32 notify_tid;  // FAULT: task T woke while faulting (its handler)
     u64 t0;          // FAULT: fault_ns     IOCTL: enter_ns   MSG: msg_ns
     u64 t1;          // FAULT: block_ns     IOCTL: exit_ns
-    u64 t2;          // FAULT: wake_ns
-    u64 t3;          // FAULT: resume_ns
+    u64 t2;          // FAULT: wake_ns      IOCTL: time inside the mcopy/mfill function
+    u64 t3;          // FAULT: resume_ns    IOCTL: time inside PTE-install functions
     u64 t4;          // FAULT: msg_ns
     u64 t5;          // FAULT: enter_ns of the waker's in-flight uffd ioctl
     u64 t6;          // FAULT: return_ns (back to user space)
@@ -71,7 +91,7 @@ struct event {
     u64 len;         // FAULT: error code   IOCTL: range length MSG: pagefault flags
     u64 x;           // FAULT: msg flags    IOCTL: mode         MSG: ptid
     s64 ret;         // FAULT: msg reader tid  IOCTL: return value
-    s64 mapped;      // IOCTL: mapped / copy / zeropage field
+    s64 mapped;      // IOCTL: mapped / copy / zeropage field  FAULT: handle_userfault's reason
     char comm[16];
 };
 
@@ -79,6 +99,7 @@ struct fault_state {
     u64 fault_ns, block_ns, wake_ns, resume_ns, return_ns, msg_ns, ioctl_enter_ns;
     u64 addr, error_code, msg_flags;
     u64 regs, ip;  // T's saved user registers and the faulting instruction
+    u64 reason;    // handle_userfault's reason (KPROBE_BACKEND)
     u32 tgid, waker_pid, waker_tid, notify_tid, notify_tgid, msg_tid;
     u16 flags;
     u8 ioctl_nr;
@@ -87,7 +108,10 @@ struct fault_state {
 
 struct ioctl_state {
     u64 enter_ns, arg, start, len, mode;
+    u64 mfill_enter_ns, mfill_ns, install_enter_ns, install_ns;  // KPROBE_BACKEND
     u32 cmd;
+    u16 flags;
+    u8 install_depth;
 };
 
 struct region_key { u32 tgid; u32 pad; u64 region; };
@@ -136,7 +160,7 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
         return 0;
     u32 tid = (u32)id;
     struct fault_state *prev = inflight.lookup(&tid);
-    if (prev && (prev->flags & (F_WOKEN | F_MSG)))
+    if (prev && (prev->flags & F_RECORDED))
         emit_fault(prev, id >> 32, tid);  // a new fault: the previous one has certainly ended
     struct fault_state st = {};
     st.fault_ns = bpf_ktime_get_ns();
@@ -216,7 +240,7 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid)
     e->len = st->error_code;
     e->x = st->msg_flags;
     e->ret = st->msg_tid;
-    e->mapped = 0;
+    e->mapped = st->reason;
     __builtin_memcpy(e->comm, st->comm, sizeof(e->comm));
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
@@ -231,7 +255,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
         struct fault_state *st = inflight.lookup(&prev_tid);
         if (st && !still_in_fault(st)) {
             // The fault has ended (T is off CPU for something else now).
-            if (st->flags & (F_WOKEN | F_MSG))
+            if (st->flags & F_RECORDED)
                 emit_fault(st, id >> 32, prev_tid);
             inflight.delete(&prev_tid);
         } else if (st && (st->flags & F_RESUMED)) {
@@ -256,7 +280,9 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
                 st->flags |= F_BLOCKED;
                 if (slept)
                     st->flags |= F_SLEPT;
+#ifndef KPROBE_BACKEND
                 sample_region(ctx, id >> 32, st->addr);  // keeps it only if in handle_userfault
+#endif
             } else if ((ctx->args[3] & 0xff) && !ctx->args[0]) {
                 st->flags |= F_OTHER_SLEEP;
             }
@@ -282,7 +308,8 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     return 0;
 }
 
-#ifdef FULL_MODE
+#if defined(FULL_MODE) || defined(KPROBE_BACKEND)
+#define TRACK_IOCTLS
 BPF_HASH(ioctls, u32, struct ioctl_state, MAX_THREADS);  // tid -> uffd ioctl in flight
 #endif
 
@@ -317,7 +344,7 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     st->waker_pid = id >> 32;
     st->waker_tid = cur_tid;
     st->flags |= F_WOKEN;
-#ifdef FULL_MODE
+#ifdef TRACK_IOCTLS
     struct ioctl_state *io = ioctls.lookup(&cur_tid);
     if (io) {
         st->ioctl_enter_ns = io->enter_ns;
@@ -349,7 +376,8 @@ RAW_TRACEPOINT_PROBE(rseq_update) {
     if (!st || !(st->flags & F_WOKEN))
         return 0;
     st->return_ns = bpf_ktime_get_ns();
-    emit_fault(st, id >> 32, tid);
+    if (st->flags & F_RECORDED)
+        emit_fault(st, id >> 32, tid);
     inflight.delete(&tid);
     return 0;
 }
@@ -377,23 +405,80 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
     if (st) {
         if (!(st->flags & F_RESUMED) && (st->flags & (F_BLOCKED | F_NOTIFIED)))
             st->flags |= F_EXITED;
-        if (st->flags & (F_WOKEN | F_EXITED | F_MSG))
+        if (st->flags & F_RECORDED_AT_EXIT)
             emit_fault(st, id >> 32, tid);
         inflight.delete(&tid);
     }
-#ifdef FULL_MODE
+#ifdef TRACK_IOCTLS
     ioctls.delete(&tid);
 #endif
     return 0;
 }
 
-#ifdef FULL_MODE
-#define NR_READ 0
-#define NR_IOCTL 16
+#ifdef TRACK_IOCTLS
 #define UFFDIO_TYPE 0xAA
 #define NR_CONTINUE 0x07
 #define NR_COPY 0x03
 #define NR_ZEROPAGE 0x04
+
+// A uffd ioctl entered (cmd, its user argument): remember it until it returns.
+static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg) {
+    struct ioctl_state io = {.enter_ns = bpf_ktime_get_ns(), .cmd = cmd, .arg = arg};
+    // Every uffdio_* argument starts with a range {start, len} followed by a mode word,
+    // except uffdio_copy {dst, src, len, mode, copy}.
+    u64 a[4] = {};
+    bpf_probe_read_user(a, sizeof(a), (void *)arg);
+    if ((cmd & 0xff) == NR_COPY) {
+        io.start = a[0];
+        io.len = a[2];
+        io.mode = a[3];
+    } else {
+        io.start = a[0];
+        io.len = a[1];
+        io.mode = a[2];
+    }
+    if (ioctls.update(&tid, &io))
+        count_lost(LOST_IOCTL_FULL);
+}
+
+static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io, long ret) {
+    u64 now = bpf_ktime_get_ns();
+    u32 nr = io->cmd & 0xff;
+    s64 mapped = 0;
+    if (nr == NR_CONTINUE || nr == NR_ZEROPAGE)
+        bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 24));
+    else if (nr == NR_COPY)
+        bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 32));
+    if (nr == NR_CONTINUE)
+        continue_hist.increment(log2_us_slot(now - io->enter_ns));
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count_lost(LOST_RINGBUF);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->type = EV_IOCTL;
+    e->nr = nr;
+    e->flags = io->flags;
+    e->pid = tgid;
+    e->tid = tid;
+    e->t0 = io->enter_ns;
+    e->t1 = now;
+    e->t2 = io->mfill_ns;
+    e->t3 = io->install_ns;
+    e->addr = io->start;
+    e->len = io->len;
+    e->x = io->mode;
+    e->ret = ret;
+    e->mapped = mapped;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+#endif
+
+#ifdef FULL_MODE
+#define NR_READ 0
+#define NR_IOCTL 16
 #define UFFD_EVENT_PAGEFAULT 0x12
 #define MAX_MSGS 16
 
@@ -432,59 +517,15 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         reads.update(&tid, &rs);
         return 0;
     }
+#ifndef IOCTL_KPROBE  // else userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
     u32 cmd = reg(regs, 1);
     if (((cmd >> 8) & 0xff) != UFFDIO_TYPE)
         return 0;
     u8 one = 1;
     uffd_fds.update(&fdkey, &one);
-    struct ioctl_state io = {.enter_ns = bpf_ktime_get_ns(), .cmd = cmd, .arg = reg(regs, 2)};
-    // Every uffdio_* argument starts with a range {start, len} followed by a mode word,
-    // except uffdio_copy {dst, src, len, mode, copy}.
-    u64 a[4] = {};
-    bpf_probe_read_user(a, sizeof(a), (void *)io.arg);
-    if ((cmd & 0xff) == NR_COPY) {
-        io.start = a[0];
-        io.len = a[2];
-        io.mode = a[3];
-    } else {
-        io.start = a[0];
-        io.len = a[1];
-        io.mode = a[2];
-    }
-    if (ioctls.update(&tid, &io))
-        count_lost(LOST_IOCTL_FULL);
+    enter_ioctl(tid, cmd, reg(regs, 2));
+#endif
     return 0;
-}
-
-static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io, long ret) {
-    u64 now = bpf_ktime_get_ns();
-    u32 nr = io->cmd & 0xff;
-    s64 mapped = 0;
-    if (nr == NR_CONTINUE || nr == NR_ZEROPAGE)
-        bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 24));
-    else if (nr == NR_COPY)
-        bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 32));
-    if (nr == NR_CONTINUE)
-        continue_hist.increment(log2_us_slot(now - io->enter_ns));
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count_lost(LOST_RINGBUF);
-        return;
-    }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->type = EV_IOCTL;
-    e->nr = nr;
-    e->pid = tgid;
-    e->tid = tid;
-    e->t0 = io->enter_ns;
-    e->t1 = now;
-    e->addr = io->start;
-    e->len = io->len;
-    e->x = io->mode;
-    e->ret = ret;
-    e->mapped = mapped;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 // Is this read's first record the uffd_msg of a fault in flight? (page fault event, the
@@ -550,12 +591,14 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         return 0;
     u32 tid = (u32)id;
     long ret = ctx->args[1];
+#ifndef IOCTL_KPROBE
     struct ioctl_state *io = ioctls.lookup(&tid);
     if (io) {
         exit_ioctl(tgid, tid, io, ret);
         ioctls.delete(&tid);
         return 0;
     }
+#endif
     struct read_state *rs = reads.lookup(&tid);
     if (rs) {
         if (!rs->known && looks_like_uffd(rs->buf, ret)) {

@@ -31,6 +31,10 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "handler_tid": ("Int64", "thread that resolved the fault"),
     "errno": ("Int64", "errno of a failed uffd ioctl on this fault's page (0: none failed)"),
     "mapped": ("Int64", "bytes the resolving ioctl reported as mapped"),
+    "mfill_ns": ("Int64", "time inside the resolving ioctl's mcopy/mfill function, the work "
+                 "without argument handling and wakeup (kprobe backend)"),
+    "install_ns": ("Int64", "time inside its PTE-install functions, summed over its pages "
+                   "(kprobe backend)"),
     "block_ns": ("Int64", "instant the thread went to sleep in handle_userfault"),
     "msg_ns": ("Int64", "instant the handler received the fault message"),
     "cont_enter_ns": ("Int64", "instant the resolving ioctl was entered"),

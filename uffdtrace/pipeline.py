@@ -7,13 +7,13 @@ been seen yet wait here until it arrives or the stream ends, so no row is ever w
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from uffdtrace.events import FAULT_COLUMNS, coerce_faults, empty_faults
+from uffdtrace.probes.paths import BASE_PAGE, Paths, huge_page_size
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
@@ -21,6 +21,10 @@ from uffdtrace.probes.records import (
     F_MSG,
     F_RESUMED,
     F_WOKEN,
+    IO_HUGETLB,
+    IO_MFILL,
+    IO_PTE,
+    IO_SHMEM,
     UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WP,
     UFFDIO_NAMES,
@@ -32,29 +36,24 @@ FAILED_IOCTL_MEMORY = 4096  # recent failed ioctls kept to attribute errnos to f
 EXIT_MEMORY_NS = 5_000_000_000  # how long resolving ioctls' exits wait for their faults
 
 
-@dataclass(frozen=True)
-class PathInfo:
-    """What the kernel path of a fault says: backing, page size and (if calibrated) kind."""
-
-    backing: str
-    page_size: int
-    kind: str | None
-
-
-# (pid, addr) -> PathInfo | None, from the stack sampled in the fault's 2 MiB region.
-Classifier = Callable[[int, int], PathInfo | None]
+NR_CONTINUE = 0x07
+# Columns the resolving ioctl's exit brings to its faults.
+EXIT_COLUMNS = {"handler_tid": "Int64", "cont_enter_ns": "Int64", "cont_exit_ns": "Int64",
+                "mapped": "Int64", "mfill_ns": "Int64", "install_ns": "Int64",
+                "install_backing": "string"}
 
 
 @dataclass
 class Assembler:
     mode: str
-    classify: Classifier
+    paths: Paths  # the backend's view of each fault's kernel path (uffdtrace.probes.paths)
+    sees_ioctls: bool  # uffd ioctls are traced: resolver, errno and `mapped` can be known
     pending: pd.DataFrame = field(default_factory=empty_faults)
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
     _failed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         {c: pd.Series(dtype="int64") for c in ("start", "end", "enter", "errno")}))
     _exits: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
-        {c: pd.Series(dtype="int64") for c in ("handler_tid", "cont_enter_ns", "cont_exit_ns", "mapped")}))
+        {c: pd.Series(dtype=t) for c, t in EXIT_COLUMNS.items()}))
     register_ranges: list[dict] = field(default_factory=list)
 
     def feed(self, raw: np.ndarray) -> pd.DataFrame:
@@ -83,14 +82,25 @@ class Assembler:
             self.register_ranges.append(
                 {"pid": int(rec["pid"]), "start": int(rec["addr"]), "len": int(rec["len"]),
                  "mode": int(rec["x"]), "ok": int(rec["ret"]) == 0})
-        resolving = io[np.isin(io["nr"], [0x02, 0x03, 0x04, 0x07])]
+        resolving = io[np.isin(io["nr"], [0x02, 0x03, 0x04, NR_CONTINUE])]
         if len(resolving):
+            flags = resolving["flags"]
+            installed = (flags & (IO_HUGETLB | IO_SHMEM | IO_PTE)) != 0
+            # hugetlb vs shmem from the PTE-install function the ioctl went through
+            install_backing = np.select(
+                [(flags & IO_HUGETLB) != 0,
+                 ((flags & IO_SHMEM) != 0) | (((flags & IO_PTE) != 0) & (resolving["nr"] == NR_CONTINUE)),
+                 (flags & IO_PTE) != 0],
+                np.array(["hugetlb", "shmem", "anon"], dtype=object), None)
             self._exits = pd.concat([self._exits, pd.DataFrame({
                 "handler_tid": resolving["tid"].astype(np.int64),
                 "cont_enter_ns": resolving["t0"].astype(np.int64),
                 "cont_exit_ns": resolving["t1"].astype(np.int64),
                 "mapped": resolving["mapped"].astype(np.int64),
-            })], ignore_index=True)
+                "mfill_ns": pd.Series(resolving["t2"].astype(np.int64)).where((flags & IO_MFILL) != 0),
+                "install_ns": pd.Series(resolving["t3"].astype(np.int64)).where(installed),
+                "install_backing": install_backing,
+            }).astype(EXIT_COLUMNS)], ignore_index=True)
 
     def _faults(self, f: np.ndarray) -> pd.DataFrame:
         if not len(f):
@@ -130,38 +140,40 @@ class Assembler:
         df["outcome"] = df["outcome"].astype("string")
         resolver = pd.Series(RESOLVER_BY_NR[f["nr"]], dtype="string")
         df["resolver"] = resolver.where(cont_enter.notna().to_numpy())
-        df["errno"] = pd.Series(0 if full else pd.NA, index=df.index, dtype="Int64")
+        df["errno"] = pd.Series(0 if self.sees_ioctls else pd.NA, index=df.index, dtype="Int64")
         self._classify(df, f, full)
         return df
 
     def _classify(self, df: pd.DataFrame, f: np.ndarray, full: bool) -> None:
-        regions = (f["pid"].astype(np.uint64) << np.uint64(43)) | (f["addr"] >> np.uint64(21))
-        _, inverse = np.unique(regions, return_inverse=True)
-        first = np.unique(inverse, return_index=True)[1]
-        paths = [self.classify(int(f["pid"][i]), int(f["addr"][i])) for i in first]
-        df["backing"] = pd.array([p.backing if p else None for p in paths], dtype="string")[inverse]
-        df["page_size"] = pd.array([p.page_size if p else None for p in paths], dtype="Int64")[inverse]
-        path_kind = pd.array([p.kind if p else None for p in paths], dtype="string")[inverse]
+        paths = self.paths(f)
+        df["backing"] = paths["backing"].to_numpy()
+        df["page_size"] = paths["page_size"].to_numpy()
         if full:
             flags = f["x"]
             msg_kind = np.where(flags & UFFD_PAGEFAULT_FLAG_MINOR, "minor",
                                 np.where(flags & UFFD_PAGEFAULT_FLAG_WP, "wp", "missing"))
             has_msg = (f["flags"] & F_MSG) != 0
             kind = pd.Series(pd.array(np.where(has_msg, msg_kind, None), dtype="string"))
-            df["kind"] = kind.fillna(pd.Series(path_kind))
+            df["kind"] = kind.fillna(paths["kind"])
         else:
-            df["kind"] = path_kind
+            df["kind"] = paths["kind"].to_numpy()
 
     def _release(self, df: pd.DataFrame, final: bool) -> pd.DataFrame:
         if df.empty:
             self.pending = empty_faults()
             return empty_faults()
         keys = ["handler_tid", "cont_enter_ns"]
-        df = df.drop(columns=["cont_exit_ns", "mapped"], errors="ignore").merge(
-            self._exits.astype("Int64"), on=keys, how="left")
+        df = df.drop(columns=[c for c in EXIT_COLUMNS if c not in keys], errors="ignore").merge(
+            self._exits, on=keys, how="left")
+        # A fault whose own path is unknown takes the backing its resolver installed into.
+        unknown = df["backing"].isna() & df["install_backing"].notna()
+        if unknown.any():
+            df.loc[unknown, "backing"] = df.loc[unknown, "install_backing"]
+            df.loc[unknown, "page_size"] = np.where(
+                df.loc[unknown, "install_backing"] == "hugetlb", huge_page_size(), BASE_PAGE)
         has_exit = df["cont_exit_ns"].notna().to_numpy()
         waiting = df["cont_enter_ns"].notna().to_numpy() & ~has_exit
-        if final or self.mode != "full":
+        if final or not self.sees_ioctls:
             waiting[:] = False
         self.pending = coerce_faults(df[waiting]).reset_index(drop=True)
         done = df[~waiting].copy()
@@ -178,7 +190,7 @@ class Assembler:
 
     def _attach_errnos(self, df: pd.DataFrame) -> None:
         """errno of the last failed uffd ioctl on the fault's page while it was in flight."""
-        if self.mode != "full" or self._failed.empty or df.empty:
+        if not self.sees_ioctls or self._failed.empty or df.empty:
             return
         addr = df["addr"].to_numpy(dtype=np.int64)
         lo = df["fault_ns"].to_numpy(dtype=np.int64, na_value=0)
@@ -208,4 +220,4 @@ def derive_durations(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(FAULT_COLUMNS)]
 
 
-__all__ = ["RESOLVERS", "Assembler", "PathInfo", "derive_durations"]
+__all__ = ["RESOLVERS", "Assembler", "derive_durations"]

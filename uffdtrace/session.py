@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from uffdtrace.pipeline import Assembler
 from uffdtrace.probes.backends import resolve
 from uffdtrace.probes.bpfstats import BpfStats
-from uffdtrace.probes.calibration import calibrate, load_call_sites
-from uffdtrace.probes.paths import PathClassifier
 from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
 from uffdtrace.sinks import Sink
 from uffdtrace.summary import FaultStats
@@ -51,9 +49,7 @@ class Session:
         self.backend = backend
         self._add_handlers()
         self.ranges_at_start = [r for pid in self.scope.pids for r in uffd_ranges(pid)]
-        call_sites = load_call_sites() or calibrate(self.backend)["call_sites"]
-        classifier = PathClassifier(self.backend.region_frames, call_sites)
-        self.assembler = Assembler(self.mode, classifier)
+        self.assembler = Assembler(self.mode, self.backend.paths(), self.backend.sees_ioctls())
         self.startup_s = time.monotonic() - t0
 
     def _add_handlers(self) -> None:

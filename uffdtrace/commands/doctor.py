@@ -28,6 +28,7 @@ TITLES = {
     "bpf": "BPF features (each loaded into this kernel)",
     "tracepoints": "Tracepoints (format in tracefs, program attached)",
     "symbols": "Kernel symbols (/proc/kallsyms; addresses in --json)",
+    "hooks": "Kprobe hooks (the first symbol each has here)",
     "userfaultfd": "userfaultfd (one real minor fault each)",
 }
 INDENT = "  "
@@ -73,19 +74,23 @@ def render(caps: Capabilities, unicode: bool, width: int) -> str:
     """The one-screen report."""
     good, bad = ("✓", "✗") if unicode else ("OK", "MISSING")
     lines = [f"uffdtrace doctor: kernel {caps.kernel}, probed in {caps.elapsed_s:.1f} s"]
-    label_width = max(len(c.name) for c in caps.checks
-                      if c.section != "tracepoints" and c.name not in cap.KERNEL_SYMBOLS)
+    label_width = max(len(c.name) for c in caps.checks if c.section not in ("tracepoints", "hooks")
+                      and c.name not in cap.KERNEL_SYMBOLS)
     for section in cap.SECTIONS:
         checks = [c for c in caps.checks if c.section == section]
-        # Passing tracepoints and symbols go in a grid, absent symbols in one line.
-        gridded = [c for c in checks
-                   if c.ok and (section == "tracepoints" or c.name in cap.KERNEL_SYMBOLS)]
+        # Passing tracepoints, symbols and hooks go in a grid, absent symbols in one line.
+        gridded = [c for c in checks if c.ok and (section == "tracepoints"
+                                                  or c.name in cap.KERNEL_SYMBOLS)]
+        hooked = [c for c in checks if c.ok and section == "hooks"]
         absent = [c for c in checks if not c.ok and c.name in cap.KERNEL_SYMBOLS]
         lines += ["", TITLES[section]]
-        for names, check in _grouped([c for c in checks if c not in gridded + absent]):
+        for names, check in _grouped([c for c in checks if c not in gridded + absent + hooked]):
             mark = (good if check.ok else bad).ljust(len(bad))
             lines += _check_lines(names, check, mark, label_width, width)
         lines += _grid([f"{good} {c.name}" for c in gridded], width)
+        if hooked:
+            lines += _wrap(", ".join(f"{c.name.removeprefix('hook:')}={c.detail}" for c in hooked),
+                           width, f"{INDENT}{good} ")
         if absent:
             lines += _wrap(", ".join(c.name for c in absent), width, INDENT + "absent: ")
     lines += ["", *_verdict(caps, width)]

@@ -106,6 +106,7 @@ def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
     lost = info.get("lost", dict.fromkeys(LOST_REASONS, 0))
     return {
         "backend": session.backend.name if session.backend else "tracepoint",
+        "hooks": session.backend.attached if session.backend else {},
         "mode": mode,
         "faults": stats.faults,
         "by_backing_kind": [{"backing": b, "kind": k, "faults": n}
@@ -137,6 +138,8 @@ def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
 def print_summary(s: dict, out) -> None:
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"\n{s['faults']} faults ({s['backend']} backend, {s['mode']} mode)")
+    if s["hooks"]:
+        p("  kprobes: " + ", ".join(f"{hook}={symbol or 'absent'}" for hook, symbol in s["hooks"].items()))
     for row in s["by_backing_kind"]:
         p(f"  {row['backing']:>8} {row['kind']:<8} {row['faults']}")
     for name in ("stall", "continue"):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from uffdtrace.errors import UserError
 from uffdtrace.probes.capabilities import choose_backend, detect
+from uffdtrace.probes.kprobe import KprobeBackend
 from uffdtrace.probes.tracepoint import TracepointBackend
 
 BACKENDS = ("auto", "tracepoint", "kprobe")
-BUILT = {"tracepoint": TracepointBackend}
+BUILT = {"tracepoint": TracepointBackend, "kprobe": KprobeBackend}
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 
 

@@ -1,70 +1,75 @@
-"""Learn, once per boot, which call sites of handle_userfault mean a minor or a missing fault.
+"""Per-kernel facts learned by provoking faults of known kind, once per boot.
 
-Minor and missing faults reach handle_userfault from different call sites inside the same
-kernel function, so the return address above it tells them apart — but which address is
-which depends on the kernel build and on KASLR. We provoke one fault of each kind on each
-backing with the exerciser while tracing ourselves, note the call site the BPF side sampled,
-and keep the answer for this boot.
+Some facts that tell minor from missing faults depend on the kernel build and on KASLR: which
+call sites of handle_userfault mean which kind (tracepoint backend), or the value of its
+`reason` argument (kprobe backend: VM_UFFD_MINOR's bit differs between kernels). Instead of
+trusting constants, we run one tiny minor and one missing workload per backing in this process
+while the backend traces it, note the value it observed for each, and keep the answers for
+this boot.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from uffdtrace.errors import UserError
 
 CACHE = Path("/run/uffdtrace/calibration.json")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
+# (pid, faulting addresses of one run) -> the distinct values the backend saw for that run
+Observer = Callable[[int, np.ndarray], set[int]]
+
+
+def calibrated(name: str, backend, observe: Observer) -> dict[int, str]:
+    """Value -> kind ("minor" / "missing") for the fact `name`, from this boot's cache or
+    learned now under `backend` (which must trace this process when told to `track` it)."""
+    cache = _load()
+    if name in cache:
+        return {int(v, 16): kind for v, kind in cache[name].items()}
+    learned = _provoke(backend, observe)
+    if learned:  # learning nothing may be transient: try again next time
+        cache[name] = {f"{v:#x}": kind for v, kind in learned.items()}
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        CACHE.write_text(json.dumps({"boot_id": _boot_id(), **cache}))
+    return learned
+
 
 def _boot_id() -> str:
     return BOOT_ID.read_text().strip()
 
 
-def load_call_sites() -> dict[int, str]:
-    """Call-site address -> kind, for this boot; empty if never calibrated."""
+def _load() -> dict[str, dict[str, str]]:
+    """This boot's cached facts (empty after a reboot or without a cache)."""
     try:
         data = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         return {}
-    if data.get("boot_id") != _boot_id():
-        return {}
-    return {int(a, 16): kind for a, kind in data["call_sites"].items()}
+    return data if data.pop("boot_id", None) == _boot_id() else {}
 
 
-def calibrate(backend) -> dict[str, object]:
-    """Run tiny minor and missing faults in this process under `backend`; cache and return
-    {"call_sites": {addr: kind}, "skipped": {backing: reason}}."""
+def _provoke(backend, observe: Observer) -> dict[int, str]:
     from uffdtrace.exerciser import ExerciseConfig, run
 
     me = os.getpid()
     backend.track(me)
-    call_sites: dict[int, str] = {}
-    skipped: dict[str, str] = {}
+    learned: dict[int, str] = {}
     try:
         for backing in ("shmem", "hugetlb"):
             for mode in ("minor", "missing"):
                 cfg = ExerciseConfig(backing=backing, mode=mode, pages=2, cpus=[0])
                 try:
                     res = run(cfg)
-                except UserError as e:
-                    skipped[backing] = str(e)
-                    break
-                sites = {frames[0] for addr in res.faults["addr"]
-                         if (frames := backend.region_frames(me, int(addr)))}
-                backend.forget_regions(me)  # the next run may map the same addresses
-                if len(sites) != 1:
-                    skipped[f"{backing}/{mode}"] = f"{len(sites)} call sites seen"
-                    continue
-                call_sites[sites.pop()] = mode
+                except UserError:
+                    break  # e.g. no hugepages here: the other backing still teaches
+                values = observe(me, res.faults["addr"].to_numpy())
+                if len(values) == 1:  # anything else is ambiguous: learn nothing from it
+                    learned[values.pop()] = mode
     finally:
         backend.untrack(me)
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    CACHE.write_text(json.dumps({
-        "boot_id": _boot_id(),
-        "call_sites": {f"{a:#x}": k for a, k in call_sites.items()},
-        "skipped": skipped,
-    }))
-    return {"call_sites": call_sites, "skipped": skipped}
+    return learned

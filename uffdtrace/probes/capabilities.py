@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from uffdtrace.errors import UserError
+from uffdtrace.probes import hooks
+from uffdtrace.probes.kernel import hidden_symbols
 
 T = TypeVar("T")
 
-SECTIONS = ("system", "bpf", "tracepoints", "symbols", "userfaultfd")  # display order
+SECTIONS = ("system", "bpf", "tracepoints", "symbols", "hooks", "userfaultfd")  # display order
 
 LIGHT_TRACEPOINTS = (
     "exceptions:page_fault_user",
@@ -44,28 +46,18 @@ SYSCALL_TRACEPOINTS = (
     "syscalls:sys_exit_read",
 )
 TRACEPOINTS = (*LIGHT_TRACEPOINTS, *SYSCALL_TRACEPOINTS)
-# Kernel functions of the userfaultfd paths (names vary across kernels, DESIGN §2).
+# Kernel functions of the userfaultfd paths (names vary across kernels, DESIGN §2): the kprobe
+# backend's hook candidates, and a few more that explain a kernel's userfaultfd.
 KERNEL_SYMBOLS = (
-    "handle_userfault",
-    "hugetlb_fault",
-    "shmem_fault",
-    "shmem_get_folio_gfp",
-    "userfaultfd_ioctl",
+    *hooks.SYMBOLS,
+    "userfaultfd_read",
     "userfaultfd_read_iter",
     "__wake_userfault",
     "userfaultfd_wake_function",
-    "mfill_atomic_continue",
-    "mfill_atomic_copy",
-    "mfill_atomic_zeropage",
-    "hugetlb_mfill_atomic_pte",
     "mfill_atomic_install_pte",
-    "mcopy_continue",
-    "mcontinue_atomic_pte",
     "__mcopy_atomic",
-    "hugetlb_mcopy_atomic_pte",
-    "shmem_mfill_atomic_pte",
-    "mfill_atomic_pte_continue",
 )
+KERNEL_SYMBOLS = tuple(dict.fromkeys(KERNEL_SYMBOLS))
 
 MODES = {"light": "tracepoints only", "full": "adds syscall tracepoints"}
 _LIGHT = ("root", "bcc", "bcc-compile", "raw-tracepoints", "ringbuf", "stack-traces",
@@ -182,6 +174,7 @@ def detect() -> Capabilities:
     checks.append(_check_bpf_stats())
     symbols, symbol_checks = _probe_kallsyms()
     checks += symbol_checks
+    checks += _resolve_hooks(symbols)
     checks += [_probe_minor_fault("shmem"), _probe_minor_fault("hugetlb")]
     hugepages = _read_hugepages()
     checks.append(_check_hugepages(hugepages))
@@ -521,7 +514,7 @@ def _check_bpf_stats() -> Check:
 
 def _probe_kallsyms() -> tuple[dict[str, int], list[Check]]:
     """Which KERNEL_SYMBOLS /proc/kallsyms lists, and whether its addresses are real."""
-    wanted = set(KERNEL_SYMBOLS)
+    wanted = set(KERNEL_SYMBOLS) - hidden_symbols()
     symbols: dict[str, int] = {}
     real = False
 
@@ -551,6 +544,23 @@ def _probe_kallsyms() -> tuple[dict[str, int], list[Check]]:
         else:
             checks.append(Check(name, "symbols", False, "absent (renamed, or inlined)"))
     return {name: symbols[name] for name in KERNEL_SYMBOLS if name in symbols}, checks
+
+
+def _resolve_hooks(symbols: dict[str, int]) -> list[Check]:
+    """Which symbol each kprobe hook would attach to here (uffdtrace.probes.hooks)."""
+    checks = []
+    resolved = hooks.resolve(symbols)
+    for hook in hooks.HOOKS:
+        symbol = resolved[hook.name]
+        if symbol:
+            checks.append(Check(f"hook:{hook.name}", "hooks", True, symbol))
+        else:
+            effect = "the kprobe backend cannot run" if hook.required else "left to the tracepoints"
+            checks.append(Check(f"hook:{hook.name}", "hooks", False,
+                                f"none of {', '.join(hook.symbols)} here: {effect} ({hook.gives})",
+                                "renamed or inlined here: add this kernel's name to "
+                                "uffdtrace/probes/hooks.py"))
+    return checks
 
 
 def _probe_minor_fault(backing: str) -> Check:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -16,6 +17,13 @@ from pathlib import Path
 from uffdtrace.errors import UserError
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+HIDE_SYMBOLS_ENV = "UFFDTRACE_HIDE_SYMBOLS"
+
+
+def hidden_symbols() -> frozenset[str]:
+    """Kernel functions to treat as absent, from $UFFDTRACE_HIDE_SYMBOLS (comma-separated):
+    exercises the fallbacks of the kprobe backend on a kernel that has them all."""
+    return frozenset(filter(None, os.environ.get(HIDE_SYMBOLS_ENV, "").split(",")))
 
 
 @dataclass(frozen=True)
@@ -42,10 +50,11 @@ class KernelSymbols:
 @functools.cache
 def kallsyms() -> KernelSymbols:
     entries = []
+    hidden = hidden_symbols()
     with open("/proc/kallsyms") as f:
         for line in f:
             addr, kind, name = line.split()[:3]
-            if kind in "tT":
+            if kind in "tT" and name not in hidden:
                 entries.append((int(addr, 16), name))
     entries.sort()
     if not entries or entries[0][0] == 0:

@@ -1,23 +1,35 @@
-"""Which kernel path a fault took: backing from the callers of handle_userfault, kind from a
-calibration of their return addresses.
+"""Which kernel path a fault took: its backing (hugetlb / shmem / anon), page size and kind.
 
-The BPF side samples one stack per (process, 2 MiB region) at the first sleep in
-handle_userfault there. The first caller frame is a return address inside the function that
-called handle_userfault (shmem_get_folio_gfp, hugetlb_fault's inlined no-page path,
-do_anonymous_page, ...); its name gives the backing. Minor and missing faults call
-handle_userfault from different call sites of the same function, so the return address itself
-tells them apart once calibration has seen one fault of each kind (uffdtrace.calibrate).
+Each backend sees the path differently, so each has a `Paths`: a callable from a batch of
+FAULT records to a DataFrame of those three columns, one row per record (None / <NA> where the
+path is unknown).
+
+- Tracepoint backend (`RegionPaths`): the BPF side samples one stack per (process, 2 MiB
+  region) at the first sleep in handle_userfault there. The first caller frame is a return
+  address inside the function that called handle_userfault (shmem_get_folio_gfp,
+  hugetlb_fault's inlined no-page path, do_anonymous_page, ...); its name gives the backing.
+  Minor and missing faults call handle_userfault from different call sites of the same
+  function, so the return address itself tells them apart once calibration has seen one fault
+  of each kind (uffdtrace.probes.calibration).
+- Kprobe backend (`HookPaths`): the fault's own hooks say it (hugetlb_fault or shmem's fault
+  handler hit before handle_userfault, and handle_userfault's `reason`, calibrated).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from uffdtrace.pipeline import PathInfo
+import numpy as np
+import pandas as pd
+
 from uffdtrace.probes.kernel import kallsyms
+from uffdtrace.probes.records import F_HUGETLB, F_SHMEM, F_UFFD
 
 BASE_PAGE = 4096
+
+Paths = Callable[[np.ndarray], pd.DataFrame]
 
 
 @functools.cache
@@ -29,6 +41,17 @@ def huge_page_size() -> int:
     return 2 << 20
 
 
+def paths_frame(backing: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
+    """The Paths result from per-record object arrays of backing and kind (None: unknown)."""
+    known = pd.notna(backing)
+    page = np.where(backing == "hugetlb", huge_page_size(), BASE_PAGE)
+    return pd.DataFrame({
+        "backing": pd.array(backing, dtype="string"),
+        "page_size": pd.Series(page, dtype="Int64").where(known),
+        "kind": pd.array(kind, dtype="string"),
+    })
+
+
 def backing_of(frames: tuple[int, ...]) -> str:
     names = [kallsyms().name_at(a) or "" for a in frames[:3]]
     if any(n.startswith("hugetlb") for n in names):
@@ -38,8 +61,14 @@ def backing_of(frames: tuple[int, ...]) -> str:
     return "anon"
 
 
-class PathClassifier:
-    """Callable (pid, addr) -> PathInfo, caching per region once the kernel has a sample."""
+@dataclass(frozen=True)
+class PathInfo:
+    backing: str
+    kind: str | None
+
+
+class RegionPaths:
+    """Paths from the stack sampled per region, cached per region once the kernel has one."""
 
     def __init__(self, region_frames: Callable[[int, int], tuple[int, ...] | None],
                  call_sites: dict[int, str]) -> None:
@@ -47,15 +76,39 @@ class PathClassifier:
         self._call_sites = call_sites
         self._cache: dict[tuple[int, int], PathInfo] = {}
 
-    def __call__(self, pid: int, addr: int) -> PathInfo | None:
+    def region(self, pid: int, addr: int) -> PathInfo | None:
         key = (pid, addr >> 21)
         info = self._cache.get(key)
         if info is None:
             frames = self._region_frames(pid, addr)
             if not frames:
                 return None  # no sleep seen in this region yet: ask again next time
-            backing = backing_of(frames)
-            page = huge_page_size() if backing == "hugetlb" else BASE_PAGE
-            info = PathInfo(backing, page, self._call_sites.get(frames[0]))
+            info = PathInfo(backing_of(frames), self._call_sites.get(frames[0]))
             self._cache[key] = info
         return info
+
+    def __call__(self, f: np.ndarray) -> pd.DataFrame:
+        regions = (f["pid"].astype(np.uint64) << np.uint64(43)) | (f["addr"] >> np.uint64(21))
+        _, first, inverse = np.unique(regions, return_index=True, return_inverse=True)
+        infos = [self.region(int(f["pid"][i]), int(f["addr"][i])) for i in first]
+        backing = np.array([p.backing if p else None for p in infos], dtype=object)
+        kind = np.array([p.kind if p else None for p in infos], dtype=object)
+        return paths_frame(backing[inverse], kind[inverse])
+
+
+class HookPaths:
+    """Paths from the fault's kernel-function hooks: backing from hugetlb_fault / shmem's fault
+    handler, kind from handle_userfault's `reason` (value -> kind, calibrated)."""
+
+    def __init__(self, reason_kinds: dict[int, str], sees_every_backing: bool) -> None:
+        self._reason_kinds = reason_kinds
+        self._anon_when_neither = sees_every_backing  # else "neither" may be a missing hook
+
+    def __call__(self, f: np.ndarray) -> pd.DataFrame:
+        flags = f["flags"]
+        uffd = (flags & F_UFFD) != 0
+        conditions = [(flags & F_HUGETLB) != 0, (flags & F_SHMEM) != 0,
+                      uffd & self._anon_when_neither]
+        backing = np.select(conditions, np.array(["hugetlb", "shmem", "anon"], dtype=object), None)
+        kind = pd.Series(f["mapped"]).map(self._reason_kinds).where(uffd)
+        return paths_frame(backing, kind.to_numpy(dtype=object, na_value=None))

@@ -17,6 +17,15 @@ F_SLEPT = 64
 F_OTHER_SLEEP = 128
 F_RESUMED = 256
 F_OFF_AGAIN = 512
+F_UFFD = 1024  # kprobe backend: the fault entered handle_userfault; `mapped` holds its reason
+F_HUGETLB = 2048
+F_SHMEM = 4096
+
+# struct event flags for EV_IOCTL (kprobe backend): kernel functions the ioctl went through
+IO_MFILL = 1  # its mcopy/mfill function; t2 = time inside
+IO_HUGETLB = 2  # a hugetlb PTE install   } t3 = time inside the outermost PTE-install
+IO_SHMEM = 4  # shmem's PTE install        } functions, summed over pages
+IO_PTE = 8  # the generic PTE install      }
 
 EVENT_DTYPE = np.dtype(
     [

@@ -11,7 +11,9 @@ import numpy as np
 
 from uffdtrace.errors import UserError
 from uffdtrace.probes.bpfstats import prog_run_stats
+from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
+from uffdtrace.probes.paths import Paths, RegionPaths
 from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_MSG, F_WOKEN, LOST_REASONS
 from uffdtrace.probes.ringbuf import RingBufferReader
 
@@ -36,6 +38,8 @@ class TracepointBackend:
     scope: TraceScope
     name: str = "tracepoint"
     compile_s: float = 0.0
+    recorded_flags: int = F_WOKEN | F_MSG  # in-flight faults that are uffd faults (F_RECORDED)
+    attached: dict[str, str | None] = field(default_factory=dict)  # kprobe hook -> symbol
     _bpf: object = field(default=None, repr=False)
     _ring: RingBufferReader | None = field(default=None, repr=False)
 
@@ -61,23 +65,45 @@ class TracepointBackend:
             flags.append("-DFOLLOW_CHILDREN")
         return flags
 
+    def source(self) -> str:
+        return resources.files("uffdtrace.bpf").joinpath("tracepoint.c").read_text()
+
     def start(self) -> None:
         """Compile and attach (BCC attaches every RAW_TRACEPOINT_PROBE it compiles)."""
         from bcc import BPF  # Debian's python3-bpfcc
 
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}: choose light or full")
-        src = resources.files("uffdtrace.bpf").joinpath("tracepoint.c").read_text()
         t0 = time.monotonic()
         try:
-            self._bpf = BPF(text=src, cflags=self.cflags())
+            self._bpf = BPF(text=self.source(), cflags=self.cflags())
+            self.attach()
+        except UserError:
+            self.close()
+            raise
         except Exception as e:
+            self.close()
             raise UserError(f"BPF program failed to load ({e}); run `uffdtrace doctor`") from e
         self.compile_s = time.monotonic() - t0
         for pid in self.scope.pids:
             self.track(pid)
         events = self._bpf["events"]
         self._ring = RingBufferReader(events.map_fd, RINGBUF_BYTES, EVENT_DTYPE)
+
+    def attach(self) -> None:
+        """Attach what BCC does not attach by itself (nothing: all are raw tracepoints)."""
+
+    def paths(self) -> Paths:
+        """How this backend tells each fault's backing and kind (learning call sites once)."""
+        return RegionPaths(self.region_frames, calibrated("call_sites", self, self._call_sites_seen))
+
+    def sees_ioctls(self) -> bool:
+        return self.mode == "full"
+
+    def _call_sites_seen(self, pid: int, addrs: np.ndarray) -> set[int]:
+        sites = {frames[0] for addr in addrs if (frames := self.region_frames(pid, int(addr)))}
+        self.forget_regions(pid)  # the next calibration run may map the same addresses
+        return sites
 
     def track(self, pid: int, role: int = TARGET) -> None:
         self._bpf["tracked"][ctypes.c_uint32(pid)] = ctypes.c_uint8(role)
@@ -92,15 +118,15 @@ class TracepointBackend:
         return self._ring.drain()
 
     def woken_in_flight(self) -> np.ndarray:
-        """Woken faults whose thread has not shown yet that it left the fault (no return to
-        user space, later fault, switch-out or exit): at the end of a session they are done."""
+        """Recordable faults whose thread has not shown yet that it left the fault (no return
+        to user space, later fault, switch-out or exit): at the end of a session they are done."""
         rows = []
         for k, st in self._bpf["inflight"].items():
-            if st.flags & (F_WOKEN | F_MSG):
+            if st.flags & self.recorded_flags:
                 rows.append((EV_FAULT, st.ioctl_nr, st.flags, st.tgid, k.value,
                              st.waker_pid, st.waker_tid, st.notify_tid, st.fault_ns, st.block_ns,
                              st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, 0, st.addr,
-                             st.error_code, st.msg_flags, st.msg_tid, 0, bytes(st.comm)))
+                             st.error_code, st.msg_flags, st.msg_tid, st.reason, bytes(st.comm)))
         return np.array(rows, dtype=EVENT_DTYPE)
 
     def lost(self) -> dict[str, int]:
