@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json and not args.output:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
     pids = check_pids(args.pid)
-    ctx = run_context(pids, command, args.mode)
+    ctx = run_context(pids, command, args.mode, args.backend)
     plugin_sink = plugin_sink_from_args(args, ctx, stream=sys.stderr) if args.plugin else None
 
     launched = LaunchedCommand(command) if command else None

@@ -6,7 +6,7 @@ import argparse
 
 from uffdtrace.errors import UserError
 from uffdtrace.plugins import RunContext
-from uffdtrace.probes.backends import BACKENDS
+from uffdtrace.probes.backends import BACKENDS, resolve
 from uffdtrace.probes.tracepoint import MODES
 
 
@@ -37,7 +37,8 @@ def chosen_command(args: argparse.Namespace) -> list[str]:
     return command
 
 
-def run_context(pids: list[int], command: list[str], mode: str, **extra) -> RunContext:
-    """What plugins are told about the run."""
+def run_context(pids: list[int], command: list[str], mode: str, backend: str, **extra) -> RunContext:
+    """What plugins are told about the run (`backend` as --backend said: resolved here, so a
+    backend this kernel cannot run is refused before anything starts)."""
     targets = tuple(f"pid {p}" for p in pids) or (" ".join(command) or "all",)
-    return RunContext(targets=targets, backend="tracepoint", mode=mode, **extra)
+    return RunContext(targets=targets, backend=resolve(backend).name, mode=mode, **extra)

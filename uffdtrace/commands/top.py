@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("top needs a terminal (use `uffdtrace record` otherwise)")
     pids = check_pids(args.pid)
     infos = resolve([*PANEL_PLUGINS, *(s for s in args.plugin if s not in PANEL_PLUGINS)])
-    ctx = run_context(pids, command, args.mode, tables=False)
+    ctx = run_context(pids, command, args.mode, args.backend, tables=False)
     errors = io.StringIO()  # plugin failures: shown in the app, printed after it
     host = PluginSink(infos, ctx, parse_options(args.opt, infos), tick_s=args.interval,
                       err=errors, panels=True)
