@@ -1,9 +1,12 @@
-// uffdtrace kprobe backend: kernel-function hooks on top of the tracepoint programs.
+// uffdtrace kernel-function hooks (kprobe and fentry backends), on top of the tracepoint
+// programs.
 //
-// Appended to bpf/tracepoint.c and compiled with KPROBE_BACKEND defined. Each function here
-// is attached by uffdtrace/probes/kprobe.py to the first symbol of its hook that this kernel
-// has (uffdtrace/probes/hooks.py: names change across kernels); a hook with no symbol is
-// simply not attached and that part of the record comes from the tracepoints, or stays empty.
+// Appended to bpf/tracepoint.c and compiled with KPROBE_BACKEND defined. The functions here
+// take the kernel function's arguments as plain values; uffdtrace/probes/hooks.py generates
+// the thin entry points that call them, as kprobes/kretprobes or as fentry/fexit programs,
+// for the first symbol of each hook that this kernel has (names change across kernels). A
+// hook with no symbol gets no entry point and that part of the record comes from the
+// tracepoints, or stays empty.
 //
 // Only register arguments are read: the headers BCC compiles with may belong to another
 // kernel, so no kernel struct is dereferenced here.
@@ -13,15 +16,15 @@ struct reason_key { u64 reason; };
 BPF_ARRAY(calibrating, u32, 1);
 BPF_HASH(reasons_seen, struct reason_key, u64, 64);
 
-// handle_userfault(struct vm_fault *vmf, unsigned long reason): T's fault is a uffd fault.
-int on_uffd_fault(struct pt_regs *ctx) {
+// handle_userfault(vmf, reason): T's fault is a uffd fault.
+static __always_inline int uffd_fault(u64 reason) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct fault_state *st = inflight.lookup(&tid);
     if (!st)
         return 0;
     st->flags |= F_UFFD;
-    st->reason = PT_REGS_PARM2(ctx);
+    st->reason = reason;
     int zero = 0;
     u32 *cal = calibrating.lookup(&zero);
     if (cal && *cal == (u32)(id >> 32)) {
@@ -40,32 +43,29 @@ static __always_inline int fault_path(u16 flag) {
     return 0;
 }
 
-int on_hugetlb_fault(struct pt_regs *ctx) { return fault_path(F_HUGETLB); }
-int on_shmem_fault(struct pt_regs *ctx) { return fault_path(F_SHMEM); }
-
-// userfaultfd_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
-int on_ioctl_enter(struct pt_regs *ctx) {
+// userfaultfd_ioctl(file, cmd, arg)
+static __always_inline int ioctl_enter(u32 cmd, u64 arg) {
     u64 id = bpf_get_current_pid_tgid();
     if (!is_tracked(id >> 32))
         return 0;
-    enter_ioctl((u32)id, PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+    enter_ioctl((u32)id, cmd, arg);
     return 0;
 }
 
-int on_ioctl_return(struct pt_regs *ctx) {
+static __always_inline int ioctl_return(long ret) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct ioctl_state *io = ioctls.lookup(&tid);
     if (!io)
         return 0;
-    exit_ioctl(id >> 32, tid, io, PT_REGS_RC(ctx));
+    exit_ioctl(id >> 32, tid, io, ret);
     ioctls.delete(&tid);
     return 0;
 }
 
 // The mcopy/mfill function of a CONTINUE, COPY or ZEROPAGE: the work without the ioctl's
 // argument handling and wakeup.
-int on_mfill_enter(struct pt_regs *ctx) {
+static __always_inline int mfill_enter(void) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct ioctl_state *io = ioctls.lookup(&tid);
     if (io) {
@@ -75,7 +75,7 @@ int on_mfill_enter(struct pt_regs *ctx) {
     return 0;
 }
 
-int on_mfill_return(struct pt_regs *ctx) {
+static __always_inline int mfill_return(void) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct ioctl_state *io = ioctls.lookup(&tid);
     if (io && io->mfill_enter_ns) {
@@ -98,11 +98,7 @@ static __always_inline int install_enter(u16 flag) {
     return 0;
 }
 
-int on_hugetlb_install(struct pt_regs *ctx) { return install_enter(IO_HUGETLB); }
-int on_shmem_install(struct pt_regs *ctx) { return install_enter(IO_SHMEM); }
-int on_pte_install(struct pt_regs *ctx) { return install_enter(IO_PTE); }
-
-int on_install_return(struct pt_regs *ctx) {
+static __always_inline int install_return(void) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct ioctl_state *io = ioctls.lookup(&tid);
     if (io && io->install_depth && --io->install_depth == 0)

@@ -1,30 +1,33 @@
-"""Which backend a session runs: `--backend auto|tracepoint|kprobe` resolved against what this
-kernel has (uffdtrace.probes.capabilities, shared with `doctor`) and what is built."""
+"""Which backend a session runs: `--backend auto|tracepoint|kprobe|fentry` resolved against what
+this kernel has (uffdtrace.probes.capabilities, shared with `doctor`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from uffdtrace.errors import UserError
+from uffdtrace.probes.calibration import per_boot
 from uffdtrace.probes.capabilities import choose_backend, detect
-from uffdtrace.probes.kprobe import KprobeBackend
+from uffdtrace.probes.kernel import kallsyms
+from uffdtrace.probes.kprobe import FentryBackend, KprobeBackend
 from uffdtrace.probes.tracepoint import TracepointBackend
 
-BACKENDS = ("auto", "tracepoint", "kprobe")
-BUILT = {"tracepoint": TracepointBackend, "kprobe": KprobeBackend}
+BUILT = {"tracepoint": TracepointBackend, "kprobe": KprobeBackend, "fentry": FentryBackend}
+BACKENDS = ("auto", *BUILT)
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 
 
 def resolve(requested: str) -> type[TracepointBackend]:
     """The backend class to run. `auto` skips the full capability probe (about a second) on
-    kernels that plainly have no kprobes."""
+    kernels that plainly have neither kprobes nor BPF trampolines."""
     if requested not in BACKENDS:
         raise UserError(f"unknown backend {requested!r}: choose {', '.join(BACKENDS)}")
-    if requested == "tracepoint" or (requested == "auto" and not KPROBE_PMU.exists()):
+    if requested == "tracepoint" or (requested == "auto" and not _may_hook_functions()):
         return TracepointBackend
-    chosen = choose_backend(requested, detect())
-    if chosen not in BUILT:
-        if requested == "auto":
-            return TracepointBackend
-        raise UserError(f"the {chosen} backend is not built yet: use --backend tracepoint")
-    return BUILT[chosen]
+    if requested == "auto":  # the capability probe takes about a second: once per boot
+        return BUILT[per_boot("auto_backend", lambda: choose_backend("auto", detect()))]
+    return BUILT[choose_backend(requested, detect())]
+
+
+def _may_hook_functions() -> bool:
+    return KPROBE_PMU.exists() or "bpf_trampoline_link_prog" in kallsyms().names

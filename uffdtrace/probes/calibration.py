@@ -1,4 +1,4 @@
-"""Per-kernel facts learned by provoking faults of known kind, once per boot.
+"""Per-kernel facts learned once per boot, above all by provoking faults of known kind.
 
 Some facts that tell minor from missing faults depend on the kernel build and on KASLR: which
 call sites of handle_userfault mean which kind (tracepoint backend), or the value of its
@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from uffdtrace.errors import UserError
 CACHE = Path("/run/uffdtrace/calibration.json")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
+T = TypeVar("T")
 # (pid, faulting addresses of one run) -> the distinct values the backend saw for that run
 Observer = Callable[[int, np.ndarray], set[int]]
 
@@ -29,22 +31,28 @@ Observer = Callable[[int, np.ndarray], set[int]]
 def calibrated(name: str, backend, observe: Observer) -> dict[int, str]:
     """Value -> kind ("minor" / "missing") for the fact `name`, from this boot's cache or
     learned now under `backend` (which must trace this process when told to `track` it)."""
+    learned = per_boot(name, lambda: {f"{v:#x}": kind for v, kind in _provoke(backend, observe).items()})
+    return {int(v, 16): kind for v, kind in learned.items()}
+
+
+def per_boot(name: str, compute: Callable[[], T]) -> T:
+    """A JSON-able fact about this boot of this machine: cached, or computed now and cached
+    (unless empty: learning nothing may be transient)."""
     cache = _load()
     if name in cache:
-        return {int(v, 16): kind for v, kind in cache[name].items()}
-    learned = _provoke(backend, observe)
-    if learned:  # learning nothing may be transient: try again next time
-        cache[name] = {f"{v:#x}": kind for v, kind in learned.items()}
+        return cache[name]
+    value = compute()
+    if value:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        CACHE.write_text(json.dumps({"boot_id": _boot_id(), **cache}))
-    return learned
+        CACHE.write_text(json.dumps({"boot_id": _boot_id(), **cache, name: value}))
+    return value
 
 
 def _boot_id() -> str:
     return BOOT_ID.read_text().strip()
 
 
-def _load() -> dict[str, dict[str, str]]:
+def _load() -> dict[str, Any]:
     """This boot's cached facts (empty after a reboot or without a cache)."""
     try:
         data = json.loads(CACHE.read_text())

@@ -64,12 +64,15 @@ _LIGHT = ("root", "bcc", "bcc-compile", "raw-tracepoints", "ringbuf", "stack-tra
           *LIGHT_TRACEPOINTS)
 _FULL = (*_LIGHT, "tracepoint-programs", *SYSCALL_TRACEPOINTS)
 _KPROBE = ("kprobes", "kallsyms", "handle_userfault")
+_FENTRY = ("fentry", "kallsyms", "handle_userfault")
 # backend -> mode -> names of the checks it needs. A new backend adds its entry here.
 REQUIREMENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "tracepoint": {"light": _LIGHT, "full": _FULL},
     "kprobe": {"light": (*_LIGHT, *_KPROBE), "full": (*_FULL, *_KPROBE)},
+    "fentry": {"light": (*_LIGHT, *_FENTRY), "full": (*_FULL, *_FENTRY)},
 }
-AUTO_ORDER = ("kprobe", "tracepoint")  # `auto` takes the first available; the last is the floor
+# `auto` takes the first available; the last is the floor
+AUTO_ORDER = ("fentry", "kprobe", "tracepoint")
 
 FIX_ROOT = "run as root: loading BPF, kallsyms addresses and hugepages need it"
 FIX_BCC = ("apt-get install python3-bpfcc, and run from a venv made with "
@@ -229,7 +232,7 @@ def why_impossible(caps: Capabilities) -> str:
 
 
 def choose_backend(requested: str, caps: Capabilities) -> str:
-    """Resolve `auto` | `tracepoint` | `kprobe` to a backend that can run here, or UserError."""
+    """Resolve `auto` or a backend's name to a backend that can run here, or UserError."""
     if requested == "auto":
         backend = auto_backend(caps)
         if backend is None:

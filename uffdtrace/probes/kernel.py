@@ -63,17 +63,29 @@ def kallsyms() -> KernelSymbols:
 
 
 @functools.cache
-def struct_member_offsets(struct: str, members: tuple[str, ...]) -> dict[str, int]:
-    """Byte offsets of `members` in `struct`, from the running kernel's BTF (via bpftool)."""
+def _btf_dump() -> str:
+    """The running kernel's BTF as text (bpftool's raw format)."""
     if not VMLINUX_BTF.exists():
         raise UserError(f"{VMLINUX_BTF} is missing: the kernel was built without BTF")
     try:
-        dump = subprocess.run(
+        return subprocess.run(
             ["bpftool", "btf", "dump", "file", str(VMLINUX_BTF), "format", "raw"],
             capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise UserError(f"cannot read kernel BTF with bpftool ({e}): apt-get install bpftool") from e
+
+
+@functools.cache
+def btf_functions() -> frozenset[str]:
+    """Functions the kernel's BTF describes: the ones fentry/fexit programs can attach to."""
+    return frozenset(re.findall(r"^\[\d+\] FUNC '(\w+)'", _btf_dump(), re.M)) - hidden_symbols()
+
+
+@functools.cache
+def struct_member_offsets(struct: str, members: tuple[str, ...]) -> dict[str, int]:
+    """Byte offsets of `members` in `struct`, from the running kernel's BTF (via bpftool)."""
+    dump = _btf_dump()
     start = re.search(rf"^\[\d+\] STRUCT '{re.escape(struct)}' size=\d+ vlen=\d+$", dump, re.M)
     if not start:
         raise UserError(f"struct {struct} not found in kernel BTF")

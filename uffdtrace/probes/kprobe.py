@@ -1,10 +1,13 @@
-"""The kprobe backend: the tracepoint programs plus kprobes on the userfaultfd functions.
+"""The kprobe and fentry backends: the tracepoint programs plus hooks on the userfaultfd
+functions.
 
-Where the kernel has kprobes (distro kernels), hooks on handle_userfault, the fault handlers
-and the mcopy/mfill and PTE-install functions replace guesswork with facts: which faults are
+Where the kernel allows it (distro kernels), hooks on handle_userfault, the fault handlers and
+the mcopy/mfill and PTE-install functions replace guesswork with facts: which faults are
 userfaultfd faults and of which kind, the backing, every uffd ioctl (in light mode too,
-without syscall tracepoints) and the time spent in the ioctl's own work. The scheduler's
-view (block, wake, resume, return) still comes from the tracepoints.
+without syscall tracepoints) and the time spent in the ioctl's own work. The scheduler's view
+(block, wake, resume, return) still comes from the tracepoints. The two backends differ only
+in how the hooks attach: kprobes/kretprobes, or BPF trampolines (fentry/fexit), which cost
+less per call and need no return-probe instances.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from uffdtrace.errors import UserError
 from uffdtrace.probes import hooks
 from uffdtrace.probes.calibration import calibrated
-from uffdtrace.probes.kernel import kallsyms
+from uffdtrace.probes.kernel import btf_functions, kallsyms
 from uffdtrace.probes.paths import HookPaths, Paths
 from uffdtrace.probes.records import F_UFFD
 from uffdtrace.probes.tracepoint import TracepointBackend
@@ -37,43 +40,48 @@ class KprobeBackend(TracepointBackend):
 
     def source(self) -> str:
         bpf = resources.files("uffdtrace.bpf")
-        return bpf.joinpath("tracepoint.c").read_text() + bpf.joinpath("kprobe.c").read_text()
+        return "".join([bpf.joinpath("tracepoint.c").read_text(),
+                        bpf.joinpath("kprobe.c").read_text(), self.entry_points()])
+
+    def entry_points(self) -> str:
+        return "".join(hooks.kprobe_functions(h)[2] for h in hooks.HOOKS)
+
+    def resolved(self) -> dict[str, str | None]:
+        return hooks.resolve(kallsyms().names)
 
     def cflags(self) -> list[str]:
         flags = [*super().cflags(), "-DKPROBE_BACKEND"]
-        if self._ioctl_hook_exists():
+        if self.resolved()["ioctl"]:
             flags.append("-DIOCTL_KPROBE")  # else full mode keeps the syscall tracepoints' view
         return flags
-
-    def _ioctl_hook_exists(self) -> bool:
-        return hooks.resolve(kallsyms().names)["ioctl"] is not None
 
     def attach(self) -> None:
         """Attach each hook to the first of its symbols that this kernel has and that takes a
         kprobe (a listed symbol may still be notrace or partly inlined)."""
         present = set(kallsyms().names)
         for hook in hooks.HOOKS:
-            self.attached[hook.name] = None
-            for symbol in (s for s in hook.symbols if s in present):
-                if self._attach(hook, symbol):
-                    self.attached[hook.name] = symbol
-                    break
+            self.attached[hook.name] = next(
+                (s for s in hook.symbols if s in present and self._attach(hook, s)), None)
+        self._require_fault_hook()
+
+    def _require_fault_hook(self) -> None:
+        for hook in hooks.HOOKS:
             if hook.required and self.attached[hook.name] is None:
-                raise UserError(f"the kprobe backend needs a kprobe on {' or '.join(hook.symbols)}, "
-                                "which this kernel does not allow: use --backend tracepoint")
+                raise UserError(f"the {self.name} backend needs {' or '.join(hook.symbols)}, "
+                                "which this kernel does not let it hook: use --backend tracepoint")
 
     def _attach(self, hook: hooks.Hook, symbol: str) -> bool:
         """Entry and return probes of `hook` on `symbol`, both or neither."""
+        entry, ret, _ = hooks.kprobe_functions(hook)
         try:
-            self._bpf.attach_kprobe(event=symbol, fn_name=hook.entry)
+            self._bpf.attach_kprobe(event=symbol, fn_name=entry)
         except Exception:  # BCC raises a plain Exception: "not traceable"
             return False
-        if hook.ret:
+        if ret:
             try:
-                self._bpf.attach_kretprobe(event=symbol, fn_name=hook.ret,
-                                           maxactive=KRETPROBE_MAXACTIVE)
+                self._bpf.attach_kretprobe(event=symbol, fn_name=ret, maxactive=KRETPROBE_MAXACTIVE)
             except Exception:
-                self._bpf.detach_kprobe(event=symbol, fn_name=hook.entry)
+                self._bpf.detach_kprobe(event=symbol, fn_name=entry)
                 return False
         return True
 
@@ -89,7 +97,7 @@ class KprobeBackend(TracepointBackend):
         return HookPaths(reasons, sees_every_backing)
 
     def sees_ioctls(self) -> bool:
-        if self._ioctl_hook_exists():
+        if self.resolved()["ioctl"]:
             return self.attached.get("ioctl") is not None
         return self.mode == "full"
 
@@ -99,3 +107,21 @@ class KprobeBackend(TracepointBackend):
         table.clear()
         return seen
 
+
+@dataclass
+class FentryBackend(KprobeBackend):
+    """The same hooks as BPF trampolines. BCC loads and attaches fentry/fexit programs while it
+    compiles, so only symbols the kernel's BTF describes get one."""
+
+    name: str = "fentry"
+
+    def resolved(self) -> dict[str, str | None]:
+        return hooks.resolve(set(kallsyms().names) & btf_functions())
+
+    def entry_points(self) -> str:
+        chosen = self.resolved()
+        return "".join(hooks.fentry_programs(h, chosen[h.name]) for h in hooks.HOOKS if chosen[h.name])
+
+    def attach(self) -> None:
+        self.attached.update(self.resolved())
+        self._require_fault_hook()
