@@ -541,45 +541,52 @@ static __always_inline bool looks_like_uffd(u64 buf, long ret) {
     return st && ((st->addr & ~0xfffULL) == m[2] || (st->addr & ~0x1fffffULL) == m[2]);
 }
 
+// One message of a handler's read: a fault's goes to its in-flight state, anything else
+// (non-fault events, faults of untraced threads) to user space.
+static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 *m) {
+    u8 event = m[0] & 0xff;
+    u32 ptid = (u32)m[3];
+    if (event == UFFD_EVENT_PAGEFAULT && ptid) {
+        struct fault_state *st = inflight.lookup(&ptid);
+        if (st && !st->msg_ns) {
+            st->msg_ns = now;
+            st->msg_flags = m[1];
+            st->msg_tid = tid;
+            st->flags |= F_MSG;
+            return;
+        }
+    }
+    if (event != UFFD_EVENT_PAGEFAULT) {
+        u64 key = ((u64)tgid << 32) | event;
+        uffd_events.increment(key);
+    }
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count_lost(LOST_RINGBUF);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->type = EV_MSG;
+    e->nr = event;
+    e->pid = tgid;
+    e->tid = tid;
+    e->t0 = now;
+    e->addr = m[2];
+    e->len = m[1];
+    e->x = ptid;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+// Fully unrolled, without early exits: older verifiers (Linux 6.1) give up on the same code
+// as a loop ("sequence of jumps is too complex").
 static __always_inline void exit_read(u32 tgid, u32 tid, u64 buf, long ret) {
     u64 now = bpf_ktime_get_ns();
     int n = ret > 0 ? (u64)ret / 32 : 0;
-    for (int i = 0; i < MAX_MSGS && i < n; i++) {
+#pragma unroll
+    for (int i = 0; i < MAX_MSGS; i++) {
         u64 m[4] = {};
-        if (bpf_probe_read_user(m, sizeof(m), (void *)(buf + 32 * i)))
-            break;
-        u8 event = m[0] & 0xff;
-        u32 ptid = (u32)m[3];
-        if (event == UFFD_EVENT_PAGEFAULT && ptid) {
-            struct fault_state *st = inflight.lookup(&ptid);
-            if (st && !st->msg_ns) {
-                st->msg_ns = now;
-                st->msg_flags = m[1];
-                st->msg_tid = tid;
-                st->flags |= F_MSG;
-                continue;
-            }
-        }
-        if (event != UFFD_EVENT_PAGEFAULT) {
-            u64 key = ((u64)tgid << 32) | event;
-            uffd_events.increment(key);
-        }
-        // Messages user space must match itself (no ptid) and non-fault events.
-        struct event *e = events.ringbuf_reserve(sizeof(struct event));
-        if (!e) {
-            count_lost(LOST_RINGBUF);
-            continue;
-        }
-        __builtin_memset(e, 0, sizeof(*e));
-        e->type = EV_MSG;
-        e->nr = event;
-        e->pid = tgid;
-        e->tid = tid;
-        e->t0 = now;
-        e->addr = m[2];
-        e->len = m[1];
-        e->x = ptid;
-        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+        if (i < n && !bpf_probe_read_user(m, sizeof(m), (void *)(buf + 32 * i)))
+            take_msg(tgid, tid, now, m);
     }
 }
 

@@ -77,9 +77,15 @@ def _btf_dump() -> str:
 
 
 @functools.cache
-def btf_functions() -> frozenset[str]:
-    """Functions the kernel's BTF describes: the ones fentry/fexit programs can attach to."""
-    return frozenset(re.findall(r"^\[\d+\] FUNC '(\w+)'", _btf_dump(), re.M)) - hidden_symbols()
+def btf_function_arity() -> dict[str, int]:
+    """Functions the kernel's BTF describes (those fentry/fexit can attach to) -> their number
+    of arguments (trampolines have a limit: 6 on x86-64 before Linux 6.6)."""
+    dump = _btf_dump()
+    arity = {m[1]: int(m[2]) for m in re.finditer(
+        r"^\[(\d+)\] FUNC_PROTO '\(anon\)' ret_type_id=\d+ vlen=(\d+)$", dump, re.M)}
+    hidden = hidden_symbols()
+    return {m[1]: arity[m[2]] for m in re.finditer(r"^\[\d+\] FUNC '(\w+)' type_id=(\d+)", dump, re.M)
+            if m[2] in arity and m[1] not in hidden}
 
 
 @functools.cache

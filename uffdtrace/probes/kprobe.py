@@ -22,7 +22,7 @@ import numpy as np
 from uffdtrace.errors import UserError
 from uffdtrace.probes import hooks
 from uffdtrace.probes.calibration import calibrated
-from uffdtrace.probes.kernel import btf_functions, kallsyms
+from uffdtrace.probes.kernel import btf_function_arity, kallsyms
 from uffdtrace.probes.paths import HookPaths, Paths
 from uffdtrace.probes.records import F_UFFD
 from uffdtrace.probes.tracepoint import TracepointBackend
@@ -31,6 +31,8 @@ from uffdtrace.probes.tracepoint import TracepointBackend
 # userfaultfd_ioctl (a COPY waiting for a page lock, say), so allow many more than the
 # kernel's default of max(10, 2 * CPUs).
 KRETPROBE_MAXACTIVE = 1024
+# fentry/fexit trampolines handle at most this many arguments on x86-64 before Linux 6.6.
+TRAMPOLINE_MAX_ARGS = 6
 
 
 @dataclass
@@ -61,7 +63,7 @@ class KprobeBackend(TracepointBackend):
         present = set(kallsyms().names)
         for hook in hooks.HOOKS:
             self.attached[hook.name] = next(
-                (s for s in hook.symbols if s in present and self._attach(hook, s)), None)
+                (f"kprobe:{s}" for s in hook.symbols if s in present and self._attach(hook, s)), None)
         self._require_fault_hook()
 
     def _require_fault_hook(self) -> None:
@@ -110,18 +112,29 @@ class KprobeBackend(TracepointBackend):
 
 @dataclass
 class FentryBackend(KprobeBackend):
-    """The same hooks as BPF trampolines. BCC loads and attaches fentry/fexit programs while it
-    compiles, so only symbols the kernel's BTF describes get one."""
+    """The same hooks as BPF trampolines where the kernel's BTF allows one (BCC attaches those
+    while it loads them), kprobes for the rest."""
 
     name: str = "fentry"
 
-    def resolved(self) -> dict[str, str | None]:
-        return hooks.resolve(set(kallsyms().names) & btf_functions())
+    def trampolined(self) -> dict[str, str]:
+        """Hook name -> symbol, for the hooks that get fentry/fexit programs."""
+        arity = btf_function_arity()
+        return {name: symbol for name, symbol in self.resolved().items()
+                if symbol and arity.get(symbol, TRAMPOLINE_MAX_ARGS + 1) <= TRAMPOLINE_MAX_ARGS}
 
     def entry_points(self) -> str:
-        chosen = self.resolved()
-        return "".join(hooks.fentry_programs(h, chosen[h.name]) for h in hooks.HOOKS if chosen[h.name])
+        chosen = self.trampolined()
+        return super().entry_points() + "".join(
+            hooks.fentry_programs(h, chosen[h.name]) for h in hooks.HOOKS if h.name in chosen)
 
     def attach(self) -> None:
-        self.attached.update(self.resolved())
+        chosen = self.trampolined()
+        present = set(kallsyms().names)
+        for hook in hooks.HOOKS:
+            if hook.name in chosen:
+                self.attached[hook.name] = f"fentry:{chosen[hook.name]}"
+            else:  # more arguments than a trampoline takes, or not in BTF
+                self.attached[hook.name] = next(
+                    (f"kprobe:{s}" for s in hook.symbols if s in present and self._attach(hook, s)), None)
         self._require_fault_hook()
