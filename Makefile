@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test vmtest lint bench
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The tracer on Debian's distro kernel (kprobes) in a qemu TCG VM: about 6 minutes.
+vmtest: setup
+	$(PY) -m pytest -m vm
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up from nothing on a Debian 12 machine, as root:
-#   Debian packages -> tracefs -> kernel-header fallback -> venv (+ Debian's bcc) -> project + cffi build.
+#   Debian packages (+ qemu and Debian's kernel for the VM tests) -> tracefs -> kernel-header
+#   fallback -> venv (+ Debian's bcc) -> project + cffi build (+ test tools, virtme-ng).
 # Every step checks first and says what it did. Hugepages are reserved per run by the tools
 # and the test suite themselves (and restored afterwards), not here.
 set -euo pipefail
@@ -12,18 +13,28 @@ say() { printf 'setup: %s\n' "$*"; }
 
 APT_PACKAGES=(python3-bpfcc bpftrace bpftool linux-headers-amd64 python3-venv python3-dev
               gcc make libffi-dev tmux)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-    say "Debian packages present"
-fi
+# `make vmtest` boots Debian's own kernel (linux-image-amd64: kprobes, which this kernel lacks)
+# under qemu TCG with virtme-ng; busybox builds its initramfs. Checked one by one like the rest:
+# the kernel's initramfs trigger alone takes about a minute, so nothing is reinstalled.
+VM_PACKAGES=(qemu-system-x86 busybox-static linux-image-amd64)
+apt_updated=
+apt_install_missing() {  # LABEL PACKAGE...
+    local label=$1 missing=() p
+    shift
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "installing $label: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        [[ -n $apt_updated ]] || { apt-get update -qq; apt_updated=yes; }
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        say "$label present"
+    fi
+}
+apt_install_missing "Debian packages" "${APT_PACKAGES[@]}"
+apt_install_missing "VM-test packages (qemu, busybox, Debian's kernel)" "${VM_PACKAGES[@]}"
 
 # BCC and bpftrace look for tracepoint formats in tracefs.
 if [[ ! -e /sys/kernel/tracing/events ]]; then
@@ -65,13 +76,13 @@ fi
 stamp="$VENV/.uffdtrace-installed"
 NATIVE=(uffdtrace.exerciser._exerciser uffdtrace.migration._migration)
 import_native() { "$VENV/bin/python" -c "import bcc; $(printf 'import %s; ' "${NATIVE[@]}")"; }
-# Reinstall when packaging or any cffi source changed since the last install.
+# Reinstall when packaging or any cffi source changed since the last install, or vng is missing.
 changed=yes
 if [[ -e "$stamp" ]]; then
     changed=$(find pyproject.toml setup.py uffdtrace/*.h uffdtrace/*/build.py uffdtrace/*/*.[ch] -newer "$stamp")
 fi
-if [[ -n "$changed" ]] || ! import_native 2>/dev/null; then
-    say "installing uffdtrace (editable) and building its cffi modules"
+if [[ -n "$changed" ]] || ! import_native 2>/dev/null || [[ ! -x "$VENV/bin/vng" ]]; then
+    say "installing uffdtrace (editable, with the test tools and virtme-ng) and building its cffi modules"
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
 else
