@@ -14,7 +14,7 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-# The tracer on Debian's distro kernel (kprobes) in a qemu TCG VM: about 6 minutes.
+# Only the VM tests: the kprobe and fentry backends on Debian's distro kernel under qemu TCG.
 vmtest: setup
 	$(PY) -m pytest -m vm
 

@@ -3,10 +3,11 @@
     python tests/vm/guest.py OUTDIR BUDGET_S
 
 OUTDIR is the only directory shared read-write with the host. This reads
-OUTDIR/scenarios.json, runs `uffdtrace doctor --json` once, then each scenario exactly as
-tests/test_tracer.py's `record()` does (the tracer around the exerciser, both with their JSON
-summaries and CSVs), and last writes OUTDIR/done. The host judges the files; this script only
-runs things and reports progress on the console, since BCC compiles take 7-35 s under TCG.
+OUTDIR/scenarios.json, runs `uffdtrace doctor --json` once, then each scenario: one
+`uffdtrace record` (CSV and JSON summary) around tests/vm/workloads.py, which runs the
+scenario's exerciser workloads and writes their ground truth; last it writes OUTDIR/done.
+The host judges the files; this script only runs things and reports progress on the console,
+since BCC compiles take 7-35 s under TCG.
 Nothing runs past BUDGET_S (the host's timeout): the VM ends by itself even if its host
 harness was SIGKILLed.
 
@@ -16,6 +17,7 @@ might lack.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -28,7 +30,7 @@ from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[2]
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]  # the harness starts us with the project's venv
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 240
 
 
 def log(message: str) -> None:
@@ -37,27 +39,30 @@ def log(message: str) -> None:
 
 
 def run(cmd: list[str], out: Path, err: Path, env: dict[str, str], timeout_s: float) -> int | None:
-    """Run `cmd` with stdout/stderr to files; its exit status, or None if it timed out (then its
-    whole process group is killed, so no tracer or workload outlives its scenario)."""
+    """Run `cmd` with stdout/stderr to files; its exit status, or None if it timed out. Then
+    its Pythons print where they were stuck (faulthandler, on SIGABRT) into `err`, and its whole
+    process group is killed, so no tracer or workload outlives its scenario."""
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                env=env, cwd=PROJECT, start_new_session=True)
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=PROJECT,
+                                start_new_session=True)
         try:
             return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for sig, grace_s in ((signal.SIGABRT, 5), (signal.SIGKILL, 0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                time.sleep(grace_s)
             proc.wait()
             return None
 
 
 def record_command(scenario: dict[str, Any], workdir: Path) -> list[str]:
-    """`uffdtrace record ... -- sh -c "uffdtrace exercise ... > gt.json"`, as test_tracer does."""
-    workload = shlex.join([*UFFDTRACE, "exercise", *scenario["exercise"],
-                           "--csv", str(workdir / "gt.csv"), "--ops-csv", str(workdir / "ops.csv"),
-                           "--json"])
+    """`uffdtrace record ... -- python -m tests.vm.workloads DIR NAME=ARGS ...`."""
+    workloads = [f"{name}={shlex.join(args)}" for name, args in scenario["workloads"].items()]
     return [*UFFDTRACE, "record", "--backend", scenario["backend"], "--mode", scenario["mode"],
             "-o", str(workdir / "rec.csv"), "--json", "--",
-            "sh", "-c", f"{workload} > {shlex.quote(str(workdir / 'gt.json'))}"]
+            sys.executable, "-m", "tests.vm.workloads", str(workdir), *workloads]
 
 
 def run_scenario(scenario: dict[str, Any], outdir: Path, timeout_s: float) -> dict[str, Any]:
@@ -97,7 +102,7 @@ def main(outdir: Path, budget_s: float) -> int:
             log(f"out of time after {budget_s} s: {len(scenarios) - i + 1} scenarios not run")
             return 1
         log(f"[{i}/{len(scenarios)}] {scenario['name']}: record --backend {scenario['backend']} "
-            f"--mode {scenario['mode']} -- exercise {shlex.join(scenario['exercise'])} ...")
+            f"--mode {scenario['mode']} -- workloads {', '.join(scenario['workloads'])} ...")
         result = run_scenario(scenario, outdir, left(scenario.get("timeout_s", DEFAULT_TIMEOUT_S)))
         results.append(result)
         status = "TIMED OUT" if result["timed_out"] else f"exit {result['returncode']}"

@@ -9,7 +9,7 @@ Only OUTDIR is writable back to the host (the guest's other writes go to overlay
 
     python -m tests.vm.harness --out DIR [--only NAME ...] [--timeout S]
 
-runs the scenario table of tests/vm/scenarios.py by hand; `make vmtest` runs the tests on it.
+runs the sessions of tests/vm/scenarios.py by hand; `make vmtest` runs the tests on it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from tests.vm.scenarios import CASES
+from tests.vm.scenarios import SESSIONS
 
 PROJECT = Path(__file__).resolve().parents[2]
 VENV_BIN = PROJECT / ".venv" / "bin"
@@ -196,15 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory (empty or absent)")
     parser.add_argument("--only", action="append", metavar="NAME",
-                        help=f"run only this scenario (repeatable): {', '.join(c.name for c in CASES)}")
+                        help=f"run only this session (repeatable): {', '.join(s.name for s in SESSIONS)}")
     parser.add_argument("--timeout", type=int, default=900, help="kill the VM after S seconds (900)")
     args = parser.parse_args(argv)
-    unknown = set(args.only or ()) - {c.name for c in CASES}
+    unknown = set(args.only or ()) - {s.name for s in SESSIONS}
     if unknown:
-        parser.error(f"unknown scenario: {', '.join(sorted(unknown))}")
-    cases = [c for c in CASES if not args.only or c.name in args.only]
+        parser.error(f"unknown session: {', '.join(sorted(unknown))}")
+    sessions = [s for s in SESSIONS if not args.only or s.name in args.only]
     try:
-        outdir = run_in_vm(args.out, [c.scenario() for c in cases], args.timeout, echo=sys.stderr)
+        outdir = run_in_vm(args.out, [s.scenario() for s in sessions], args.timeout, echo=sys.stderr)
     except VMError as e:
         print(f"vm: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
-"""What the VM run traces (one row per traced exerciser run) and what each backend must do there.
+"""What the VM run traces, and what each backend must do there.
 
-The host kernel has no kprobes, so the kprobe backend can only be tested in the VM (Debian's
-6.1 kernel under qemu TCG, see harness.py). Everything is 10-50x slower under TCG: page
-counts are small and latencies are never judged. To cover another backend, add rows with
-`backend="kprobe"` or `"auto"` to CASES and its entry to BACKENDS.
+The host kernel has no kprobes, so the kprobe and fentry backends can only be tested in the VM
+(Debian's 6.1 kernel under qemu TCG, see harness.py). Under TCG everything is 10-50x slower
+and each `record` compiles its BPF program (10-40 s), so a *session* is one `uffdtrace record`
+around several exerciser *workloads* run by one process (tests/vm/workloads.py). Page counts
+are small and latencies are never judged.
 """
 
 from __future__ import annotations
@@ -13,63 +14,82 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class Case:
-    """One `uffdtrace record --backend B --mode M -- uffdtrace exercise ...` in the guest."""
+class Workload:
+    """One `uffdtrace exercise` run."""
 
-    name: str
-    backend: str
-    mode: str
     backing: str
     pages: int  # few: the guest has 2 GiB and TCG is slow (hugetlb pages are 2 MiB each)
     threads: int = 1
     handler: str = "thread"
     misuse: str | None = None
-    misuse_errno: int | None = None  # the kernel's answer to the misuse (the exerciser's truth)
-    env: dict[str, str] = field(default_factory=dict)
 
     @property
-    def exercise(self) -> list[str]:
+    def args(self) -> list[str]:
         args = ["--backing", self.backing, "--pages", str(self.pages), "--threads", str(self.threads),
                 "--handler", self.handler]
         return [*args, "--misuse", self.misuse] if self.misuse else args
 
-    def scenario(self) -> dict[str, Any]:
-        """The row as tests/vm/guest.py reads it from scenarios.json."""
-        return {"name": self.name, "backend": self.backend, "mode": self.mode,
-                "exercise": self.exercise, "env": self.env}
 
+WORKLOADS = {
+    "shmem": Workload("shmem", 60),
+    "shmem-4t-process": Workload("shmem", 60, threads=4, handler="process"),
+    "hugetlb": Workload("hugetlb", 16),
+    "hugetlb-4t-process": Workload("hugetlb", 24, threads=4, handler="process"),
+    # UFFDIO_COPY onto a page that is already there: EEXIST (17), on 6.1 as on 6.18.
+    "misuse": Workload("shmem", 30, misuse="copy-on-minor"),
+}
+MISUSE_ERRNO = 17
 
-CASES: list[Case] = [
-    Case("tracepoint-shmem-light", "tracepoint", "light", "shmem", 300),
-    Case("tracepoint-hugetlb-4t-process-light", "tracepoint", "light", "hugetlb", 100, threads=4,
-         handler="process"),
-    Case("tracepoint-shmem-4t-full", "tracepoint", "full", "shmem", 300, threads=4),
-    Case("tracepoint-hugetlb-process-full", "tracepoint", "full", "hugetlb", 100, handler="process"),
-    # UFFDIO_COPY onto a page that is already there: EEXIST, on 6.1 as on 6.18.
-    Case("tracepoint-misuse-copy-on-minor", "tracepoint", "full", "shmem", 100,
-         misuse="copy-on-minor", misuse_errno=17),
-]
+# Symbols the fallback session pretends are absent (UFFDTRACE_HIDE_SYMBOLS): shmem's fault hook
+# falls back to shmem_get_folio_gfp; hugetlb's has no fallback (the backing then comes from the
+# resolver's PTE-install function); CONTINUE's mcopy/mfill hook has none on 6.1.
+HIDDEN = ("hugetlb_fault", "shmem_fault", "mcopy_continue")
 
-
-# ---- Backend-specific expectations: the only place where backends may differ. ----------------
 
 @dataclass(frozen=True)
-class Backend:
-    """What `record --backend <key>` must do on the guest kernel (6.1, kprobes available)."""
+class Session:
+    """One `uffdtrace record --backend B --mode M -- python -m tests.vm.workloads ...`."""
 
-    reported: str  # the summary's "backend": what actually traced
-    empty: dict[str, tuple[str, ...]]  # per mode: columns it cannot know (empty, never guessed)
-    resolved: dict[str, tuple[str, ...]]  # per mode: columns set on every resolved fault
+    name: str
+    backend: str  # as asked on the command line
+    mode: str
+    reported: str  # the backend the summary must name
+    workloads: tuple[str, ...] = tuple(WORKLOADS)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def scenario(self) -> dict[str, Any]:
+        """The row as tests/vm/guest.py reads it from scenarios.json."""
+        return {"name": self.name, "backend": self.backend, "mode": self.mode, "env": self.env,
+                "workloads": {w: WORKLOADS[w].args for w in self.workloads}}
 
 
-_NOT_LIGHT = ("msg_ns", "notify_ns", "handler_ns", "resolver", "cont_enter_ns", "cont_exit_ns",
-              "continue_ns", "errno", "mapped")
-_ALWAYS = ("stall_ns", "block_ns", "wake_ns", "handler_pid", "handler_tid")
+SESSIONS = [
+    Session("kprobe-light", "kprobe", "light", "kprobe"),
+    Session("kprobe-full", "kprobe", "full", "kprobe"),
+    Session("auto-light", "auto", "light", "fentry"),  # auto prefers fentry where it exists
+    Session("kprobe-fallbacks", "kprobe", "light", "kprobe", ("shmem", "hugetlb", "misuse"),
+            env={"UFFDTRACE_HIDE_SYMBOLS": ",".join(HIDDEN)}),
+    Session("tracepoint-light", "tracepoint", "light", "tracepoint"),
+    Session("tracepoint-full", "tracepoint", "full", "tracepoint", ("shmem", "misuse")),
+]
+BY_NAME = {s.name: s for s in SESSIONS}
 
-BACKENDS: dict[str, Backend] = {
-    "tracepoint": Backend(
-        reported="tracepoint",
-        empty={"light": (*_NOT_LIGHT, "mfill_ns", "install_ns"), "full": ("mfill_ns", "install_ns")},
-        resolved={"light": _ALWAYS, "full": (*_ALWAYS, "msg_ns", "resolver", "continue_ns")},
-    ),
+# Columns each backend and mode fills on every resolved fault, and leaves empty on all.
+_TIMELINE = ("stall_ns", "block_ns", "wake_ns", "handler_pid", "handler_tid")
+_IOCTL = ("resolver", "cont_enter_ns", "cont_exit_ns", "continue_ns", "mapped", "errno")
+_MSG = ("msg_ns", "handler_ns")
+_HOOKS = ("mfill_ns", "install_ns")
+FILLED = {
+    ("tracepoint", "light"): _TIMELINE,
+    ("tracepoint", "full"): (*_TIMELINE, *_IOCTL, *_MSG),
+    ("kprobe", "light"): (*_TIMELINE, *_IOCTL, *_HOOKS),
+    ("kprobe", "full"): (*_TIMELINE, *_IOCTL, *_MSG, *_HOOKS),
+    ("fentry", "light"): (*_TIMELINE, *_IOCTL, *_HOOKS),
+}
+EMPTY = {
+    ("tracepoint", "light"): (*_IOCTL, *_MSG, *_HOOKS),
+    ("tracepoint", "full"): _HOOKS,
+    ("kprobe", "light"): _MSG,
+    ("kprobe", "full"): (),
+    ("fentry", "light"): _MSG,
 }
