@@ -62,11 +62,13 @@ def _load() -> dict[str, Any]:
 
 
 def _provoke(backend, observe: Observer) -> dict[int, str]:
+    """Each value observed in runs of only one kind -> that kind. A value seen for both kinds
+    (say, a call site shared by minor and missing faults) tells nothing: dropped, not guessed."""
     from uffdtrace.exerciser import ExerciseConfig, run
 
     me = os.getpid()
     backend.track(me)
-    learned: dict[int, str] = {}
+    kinds: dict[int, set[str]] = {}
     try:
         for backing in ("shmem", "hugetlb"):
             for mode in ("minor", "missing"):
@@ -75,9 +77,8 @@ def _provoke(backend, observe: Observer) -> dict[int, str]:
                     res = run(cfg)
                 except UserError:
                     break  # e.g. no hugepages here: the other backing still teaches
-                values = observe(me, res.faults["addr"].to_numpy())
-                if len(values) == 1:  # anything else is ambiguous: learn nothing from it
-                    learned[values.pop()] = mode
+                for value in observe(me, res.faults["addr"].to_numpy()):
+                    kinds.setdefault(value, set()).add(mode)
     finally:
         backend.untrack(me)
-    return learned
+    return {value: seen.pop() for value, seen in kinds.items() if len(seen) == 1}
