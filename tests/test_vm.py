@@ -141,8 +141,16 @@ def test_hooks_attached_as_the_backend_says(vm_out: Path, name: str) -> None:
 def test_every_fault_recorded_once(vm_out: Path, name: str, wl: str) -> None:
     r = workload(vm_out, name, wl)
     assert r.truth["mismatches"] == 0 and r.truth["pages_verified"] == WORKLOADS[wl].pages
-    minor = r.rec[r.rec["kind"] == "minor"]
-    assert len(minor) == len(r.rec) == r.truth["faults"], r.rec["kind"].value_counts(dropna=False)
+    kinds = r.rec["kind"].value_counts(dropna=False).to_dict()
+    session_ = BY_NAME[name]
+    if (session_.reported, session_.mode, WORKLOADS[wl].backing) == ("tracepoint", "light", "hugetlb"):
+        # 6.1 calls handle_userfault from one site for minor and missing hugetlb faults: from
+        # the stack alone the kind is unknowable, so it must be empty, never a guess.
+        assert (r.rec["kind"].isna() | (r.rec["kind"] == "minor")).all(), kinds
+        minor = r.rec
+    else:
+        minor = r.rec[r.rec["kind"] == "minor"]
+    assert len(minor) == len(r.rec) == r.truth["faults"], kinds
     page = r.truth["page_size"]
     assert set(zip(minor["tid"], minor["addr"] // page, strict=True)) == set(
         zip(r.gt["tid"], r.gt["addr"] // page, strict=True))
