@@ -60,11 +60,14 @@ class KprobeBackend(TracepointBackend):
     def attach(self) -> None:
         """Attach each hook to the first of its symbols that this kernel has and that takes a
         kprobe (a listed symbol may still be notrace or partly inlined)."""
-        present = set(kallsyms().names)
         for hook in hooks.HOOKS:
-            self.attached[hook.name] = next(
-                (f"kprobe:{s}" for s in hook.symbols if s in present and self._attach(hook, s)), None)
+            self.attached[hook.name] = self._kprobe_first(hook)
         self._require_fault_hook()
+
+    def _kprobe_first(self, hook: hooks.Hook) -> str | None:
+        """"kprobe:<symbol>" for the first of the hook's symbols that takes its probes, or None."""
+        present = set(kallsyms().names)
+        return next((f"kprobe:{s}" for s in hook.symbols if s in present and self._attach(hook, s)), None)
 
     def _require_fault_hook(self) -> None:
         for hook in hooks.HOOKS:
@@ -130,11 +133,9 @@ class FentryBackend(KprobeBackend):
 
     def attach(self) -> None:
         chosen = self.trampolined()
-        present = set(kallsyms().names)
         for hook in hooks.HOOKS:
             if hook.name in chosen:
                 self.attached[hook.name] = f"fentry:{chosen[hook.name]}"
             else:  # more arguments than a trampoline takes, or not in BTF
-                self.attached[hook.name] = next(
-                    (f"kprobe:{s}" for s in hook.symbols if s in present and self._attach(hook, s)), None)
+                self.attached[hook.name] = self._kprobe_first(hook)
         self._require_fault_hook()

@@ -10,8 +10,8 @@ path is unknown).
   hugetlb_fault's inlined no-page path, do_anonymous_page, ...); its name gives the backing.
   Minor and missing faults call handle_userfault from different call sites of the same
   function, so the return address itself tells them apart once calibration has seen one fault
-  of each kind (uffdtrace.probes.calibration); where one helper serves both kinds (hugetlb on
-  6.1), its caller's return address does.
+  of each kind (uffdtrace.probes.calibration). Where one call site serves both kinds (hugetlb
+  on Debian's 6.1), calibration sees it for both and the kind stays unknown.
 - Kprobe backend (`HookPaths`): the fault's own hooks say it (hugetlb_fault or shmem's fault
   handler hit before handle_userfault, and handle_userfault's `reason`, calibrated).
 """
@@ -84,8 +84,7 @@ class RegionPaths:
             frames = self._region_frames(pid, addr)
             if not frames:
                 return None  # no sleep seen in this region yet: ask again next time
-            kind = next((k for f in frames[:2] if (k := self._call_sites.get(f))), None)
-            info = PathInfo(backing_of(frames), kind)
+            info = PathInfo(backing_of(frames), self._call_sites.get(frames[0]))
             self._cache[key] = info
         return info
 

@@ -101,10 +101,7 @@ class TracepointBackend:
         return self.mode == "full"
 
     def _call_sites_seen(self, pid: int, addrs: np.ndarray) -> set[int]:
-        """The two innermost callers of handle_userfault: some kernels call it from one helper
-        for both kinds (hugetlb_handle_userfault on 6.1), and that helper's callers differ."""
-        sites = {site for addr in addrs if (frames := self.region_frames(pid, int(addr)))
-                 for site in frames[:2]}
+        sites = {frames[0] for addr in addrs if (frames := self.region_frames(pid, int(addr)))}
         self.forget_regions(pid)  # the next calibration run may map the same addresses
         return sites
 
