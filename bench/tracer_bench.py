@@ -1,6 +1,7 @@
 """What tracing costs the traced workload: untraced vs `record --mode light` vs `--mode full`
 vs the bpftrace peer (bench/peer.bt), on the exerciser's 1 + 1 thread shmem workload pinned to
-CPU 0, alternating runs; then a soak at >= 100k faults/s for losses.
+CPU 0, alternating runs; then a soak at >= 100k faults/s for losses. Empty BPF programs on each
+mode's tracepoints give the floor: what attaching there costs before any work is done.
 
 The workload's own numbers (its p50 round trip and faults/s) are the measure; the tracer's
 start-up, CPU and BPF run time come from `record --json`.
@@ -50,6 +51,30 @@ def traced(pages: int, mode: str) -> dict[str, float]:
     return sample
 
 
+def tracepoints_of(mode: str) -> list[str]:
+    """The raw tracepoints `record --mode MODE` attaches (the tracepoint backend's programs)."""
+    from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
+
+    backend = TracepointBackend(mode=mode, scope=TraceScope())
+    backend.start()
+    try:
+        return backend.raw_tracepoints()
+    finally:
+        backend.close()
+
+
+def floor(pages: int, tracepoints: list[str]) -> dict[str, float]:
+    """The workload with empty BPF programs on those tracepoints: what merely running a program
+    there costs, the least any tracer built on them can cost."""
+    from bcc import BPF
+
+    bpf = BPF(text="\n".join(f"RAW_TRACEPOINT_PROBE({tp}) {{ return 0; }}" for tp in tracepoints))
+    try:
+        return untraced(pages)
+    finally:
+        bpf.cleanup()
+
+
 def peer(pages: int) -> dict[str, float]:
     with tempfile.NamedTemporaryFile(suffix=".txt") as hist:
         out = subprocess.run(
@@ -61,16 +86,21 @@ def peer(pages: int) -> dict[str, float]:
 
 
 def overhead_rows(pages: int = 100_000, runs: int = 5) -> list[dict[str, Any]]:
-    base, light, full, bt = alternate(
+    light_tps, full_tps = tracepoints_of("light"), tracepoints_of("full")
+    base, light, full, bt, light_floor, full_floor = alternate(
         runs,
         lambda: untraced(pages),
         lambda: traced(pages, "light"),
         lambda: traced(pages, "full"),
         lambda: peer(pages),
+        lambda: floor(pages, light_tps),
+        lambda: floor(pages, full_tps),
     )
     rows = []
     for name, samples in (("untraced", base), ("record --mode light", light),
-                          ("record --mode full", full), ("bpftrace peer", bt)):
+                          ("record --mode full", full), ("bpftrace peer", bt),
+                          ("empty programs, light's tracepoints", light_floor),
+                          ("empty programs, full's tracepoints", full_floor)):
         row = summarize(name, samples)
         for key in ("startup_s", "tracer_cpu_s", "bpf_ms", "lost"):
             if key in samples[0]:

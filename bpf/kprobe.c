@@ -21,7 +21,7 @@ static __always_inline int uffd_fault(u64 reason) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct fault_state *st = inflight.lookup(&tid);
-    if (!st)
+    if (!is_active(st))
         return 0;
     st->flags |= F_UFFD;
     st->reason = reason;
@@ -38,7 +38,7 @@ static __always_inline int fault_path(u16 flag) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct fault_state *st = inflight.lookup(&tid);
     // Before handle_userfault only: the handlers' CONTINUE looks pages up through shmem too.
-    if (st && !(st->flags & F_UFFD))
+    if (is_active(st) && !(st->flags & F_UFFD))
         st->flags |= flag;
     return 0;
 }
@@ -55,11 +55,9 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg) {
 static __always_inline int ioctl_return(long ret) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    struct ioctl_state *io = ioctls.lookup(&tid);
-    if (!io)
-        return 0;
-    exit_ioctl(id >> 32, tid, io, ret);
-    ioctls.delete(&tid);
+    struct ioctl_state *io = ioctl_in_flight(tid);
+    if (io)
+        exit_ioctl(id >> 32, tid, io, ret);
     return 0;
 }
 
@@ -67,7 +65,7 @@ static __always_inline int ioctl_return(long ret) {
 // argument handling and wakeup.
 static __always_inline int mfill_enter(void) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct ioctl_state *io = ioctls.lookup(&tid);
+    struct ioctl_state *io = ioctl_in_flight(tid);
     if (io) {
         io->mfill_enter_ns = bpf_ktime_get_ns();
         io->flags |= IO_MFILL;
@@ -77,7 +75,7 @@ static __always_inline int mfill_enter(void) {
 
 static __always_inline int mfill_return(void) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct ioctl_state *io = ioctls.lookup(&tid);
+    struct ioctl_state *io = ioctl_in_flight(tid);
     if (io && io->mfill_enter_ns) {
         io->mfill_ns += bpf_ktime_get_ns() - io->mfill_enter_ns;
         io->mfill_enter_ns = 0;
@@ -89,7 +87,7 @@ static __always_inline int mfill_return(void) {
 // outermost is timed.
 static __always_inline int install_enter(u16 flag) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct ioctl_state *io = ioctls.lookup(&tid);
+    struct ioctl_state *io = ioctl_in_flight(tid);
     if (!io)
         return 0;
     io->flags |= flag;
@@ -100,7 +98,7 @@ static __always_inline int install_enter(u16 flag) {
 
 static __always_inline int install_return(void) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct ioctl_state *io = ioctls.lookup(&tid);
+    struct ioctl_state *io = ioctl_in_flight(tid);
     if (io && io->install_depth && --io->install_depth == 0)
         io->install_ns += bpf_ktime_get_ns() - io->install_enter_ns;
     return 0;

@@ -12,7 +12,8 @@
 //                                 timeline (no stack sampling)
 //   IOCTL_KPROBE                  uffd ioctls come from userfaultfd_ioctl's hooks (bpf/kprobe.c)
 //
-// Per fault of a tracked thread T (state in `inflight`, keyed by tid):
+// Per fault of a tracked thread T (state in `inflight`, keyed by tid; a thread's entry lives
+// from its first fault to its exit and is reused, F_ACTIVE while a fault is in flight):
 //   page_fault_user                          -> fault_ns, address, error code, comm
 //   sched_waking in T's context              -> T notified a handler (handle_userfault's wake_up_poll)
 //   sched_switch, T switched out             -> block_ns (asleep in handle_userfault, or preempted
@@ -29,8 +30,9 @@
 // had to wait (mapped before T slept) is recorded too, without resume.
 //
 // No per-fault kernel stacks (they cost ~0.7 us each here): one stack is sampled per
-// (process, 2 MiB region) at the first switch-out inside handle_userfault there, and user
-// space classifies the caller of handle_userfault (hugetlb / shmem / anon path) from it.
+// (process, 2 MiB region), the first time a fault there is seen inside handle_userfault (T
+// notifying its handler, or switched out), and user space classifies the caller of
+// handle_userfault (hugetlb / shmem / anon path) from it.
 
 #include <uapi/linux/ptrace.h>
 
@@ -52,6 +54,7 @@ enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
 #define F_UFFD 1024        // T entered handle_userfault (KPROBE_BACKEND); reason in `reason`
 #define F_HUGETLB 2048     // T's fault went through hugetlb_fault (KPROBE_BACKEND)
 #define F_SHMEM 4096       // ... through shmem's fault handler (KPROBE_BACKEND)
+#define F_ACTIVE 8192      // the entry holds a fault in flight
 // Which in-flight faults are uffd faults, and get a record when they end.
 #ifdef KPROBE_BACKEND
 #define F_RECORDED F_UFFD             // handle_userfault itself says so
@@ -100,6 +103,7 @@ struct fault_state {
     u64 addr, error_code, msg_flags;
     u64 regs, ip;  // T's saved user registers and the faulting instruction
     u64 reason;    // handle_userfault's reason (KPROBE_BACKEND)
+    u64 sampled;   // 1 + the last 2 MiB region of T's seen in `regions` (kept across faults)
     u32 tgid, waker_pid, waker_tid, notify_tid, notify_tgid, msg_tid;
     u16 flags;
     u8 ioctl_nr;
@@ -145,10 +149,24 @@ static __always_inline bool is_tracked(u32 tgid) {
 #endif
 }
 
+#ifndef TRACE_ALL
+// A process handling a traced fault becomes traced (lookup first: inserting takes a lock).
+static __always_inline void track_handler(u32 tgid) {
+    if (!tracked.lookup(&tgid)) {
+        u8 handler = 2;
+        tracked.insert(&tgid, &handler);
+    }
+}
+#endif
+
 static __always_inline u32 task_field(struct task_struct *t, int off) {
     u32 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (char *)t + off);
     return v;
+}
+
+static __always_inline bool is_active(struct fault_state *st) {
+    return st && (st->flags & F_ACTIVE);
 }
 
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid);
@@ -156,21 +174,28 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid)
 // page fault in user mode: (unsigned long address, struct pt_regs *regs, unsigned long error_code)
 RAW_TRACEPOINT_PROBE(page_fault_user) {
     u64 id = bpf_get_current_pid_tgid();
-    if (!is_tracked(id >> 32))
-        return 0;
     u32 tid = (u32)id;
+    // A thread with an entry is tracked: one lookup for the common case.
     struct fault_state *prev = inflight.lookup(&tid);
-    if (prev && (prev->flags & F_RECORDED))
-        emit_fault(prev, id >> 32, tid);  // a new fault: the previous one has certainly ended
+    if (!prev && !is_tracked(id >> 32))
+        return 0;
     struct fault_state st = {};
+    if (prev) {
+        if (is_active(prev) && (prev->flags & F_RECORDED))
+            emit_fault(prev, id >> 32, tid);  // a new fault: the previous one has certainly ended
+        st.sampled = prev->sampled;
+    }
     st.fault_ns = bpf_ktime_get_ns();
+    st.flags = F_ACTIVE;
     st.tgid = id >> 32;
     st.addr = ctx->args[0];
     st.error_code = ctx->args[2];
     st.regs = ctx->args[1];
     bpf_probe_read_kernel(&st.ip, sizeof(st.ip), &((struct pt_regs *)st.regs)->ip);
     bpf_get_current_comm(&st.comm, sizeof(st.comm));
-    if (inflight.update(&tid, &st))
+    if (prev)
+        *prev = st;  // in place: no map update on the hot path
+    else if (inflight.update(&tid, &st))
         count_lost(LOST_INFLIGHT_FULL);
     return 0;
 }
@@ -181,16 +206,21 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
 // ip and number.
 static __always_inline bool still_in_fault(struct fault_state *st) {
     struct pt_regs *regs = (struct pt_regs *)st->regs;
-    u64 orig_ax = 0, ip = 0;
-    bpf_probe_read_kernel(&orig_ax, sizeof(orig_ax), &regs->orig_ax);
-    bpf_probe_read_kernel(&ip, sizeof(ip), &regs->ip);
-    return ip == st->ip && orig_ax == (u64)-1;
+    u64 orig_ax_ip[2] = {};  // adjacent in struct pt_regs: one read
+    bpf_probe_read_kernel(orig_ax_ip, sizeof(orig_ax_ip), &regs->orig_ax);
+    return orig_ax_ip[1] == st->ip && orig_ax_ip[0] == (u64)-1;
 }
 
-static __always_inline void sample_region(void *ctx, u32 tgid, u64 addr) {
-    struct region_key key = {.tgid = tgid, .region = addr >> 21};
-    if (regions.lookup(&key))
+// Make sure T's fault region has a sampled stack; in T's context, inside its fault.
+static __always_inline void sample_region(void *ctx, struct fault_state *st) {
+    u64 region = st->addr >> 21;
+    if (st->sampled == region + 1)
         return;
+    struct region_key key = {.tgid = st->tgid, .region = region};
+    if (regions.lookup(&key)) {
+        st->sampled = region + 1;
+        return;
+    }
     u64 stack[16] = {};
     long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
     int n = bytes > 0 ? (u64)bytes / 8 : 0;
@@ -209,7 +239,8 @@ static __always_inline void sample_region(void *ctx, u32 tgid, u64 addr) {
         if (i < 16 && i < n)
             rs.frames[j] = stack[i];
     }
-    regions.update(&key, &rs);
+    if (!regions.update(&key, &rs))
+        st->sampled = region + 1;
 }
 
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid) {
@@ -222,7 +253,7 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid)
         return;
     }
     e->type = EV_FAULT;
-    e->flags = st->flags;
+    e->flags = st->flags & ~F_ACTIVE;
     e->nr = st->ioctl_nr;
     e->pid = pid;
     e->tid = tid;
@@ -251,16 +282,19 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     // Only tracked threads have in-flight state, so one lookup filters both prev and next.
     u64 id = bpf_get_current_pid_tgid();
     u32 prev_tid = (u32)id;
-    {
-        struct fault_state *st = inflight.lookup(&prev_tid);
-        if (st && !still_in_fault(st)) {
+    struct fault_state *st = inflight.lookup(&prev_tid);
+    if (is_active(st)) {
+        if (!still_in_fault(st)) {
             // The fault has ended (T is off CPU for something else now).
             if (st->flags & F_RECORDED)
                 emit_fault(st, id >> 32, prev_tid);
-            inflight.delete(&prev_tid);
-        } else if (st && (st->flags & F_RESUMED)) {
+            st->flags &= ~F_ACTIVE;
+        } else if (st->flags & F_RESUMED) {
             st->flags |= F_OFF_AGAIN;  // preempted or asleep again while retrying the fault
-        } else if (st && !(st->flags & F_WOKEN)) {
+#ifndef KPROBE_BACKEND
+            sample_region(ctx, st);  // keeps it only if in handle_userfault
+#endif
+        } else if (!(st->flags & F_WOKEN)) {
             // handle_userfault sets TASK_INTERRUPTIBLE before it notifies and sleeps; a
             // preemption in between still leaves T off the CPU inside the fault.
             bool uffd_state = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE;
@@ -270,10 +304,8 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
                 // Notified, then off the CPU in handle_userfault's state: the task it woke
                 // is this uffd's handler. Trace its process from now on (its read and
                 // ioctl of this very fault included), wherever it lives.
-                if (uffd_state && (st->flags & F_NOTIFIED) && st->notify_tgid) {
-                    u8 handler = 2;
-                    tracked.insert(&st->notify_tgid, &handler);
-                }
+                if (uffd_state && (st->flags & F_NOTIFIED) && st->notify_tgid)
+                    track_handler(st->notify_tgid);
 #endif
                 if (!st->block_ns)
                     st->block_ns = bpf_ktime_get_ns();
@@ -281,7 +313,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
                 if (slept)
                     st->flags |= F_SLEPT;
 #ifndef KPROBE_BACKEND
-                sample_region(ctx, id >> 32, st->addr);  // keeps it only if in handle_userfault
+                sample_region(ctx, st);
 #endif
             } else if ((ctx->args[3] & 0xff) && !ctx->args[0]) {
                 st->flags |= F_OTHER_SLEEP;
@@ -290,8 +322,8 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     }
     struct task_struct *next = (struct task_struct *)ctx->args[2];
     u32 next_tid = task_field(next, TASK_PID_OFF);
-    struct fault_state *st = inflight.lookup(&next_tid);
-    if (!st)
+    st = inflight.lookup(&next_tid);
+    if (!is_active(st))
         return 0;
     st->flags &= ~F_OTHER_SLEEP;
     if (!(st->flags & (F_BLOCKED | F_OFF_AGAIN)))
@@ -308,9 +340,20 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     return 0;
 }
 
+// Per-thread syscall state, like `inflight`: an entry lives until its thread exits and is
+// reused (no map update on the hot path); enter_ns / fdkey 0 means nothing in flight.
 #if defined(FULL_MODE) || defined(KPROBE_BACKEND)
 #define TRACK_IOCTLS
-BPF_HASH(ioctls, u32, struct ioctl_state, MAX_THREADS);  // tid -> uffd ioctl in flight
+BPF_HASH(ioctls, u32, struct ioctl_state, MAX_THREADS);  // tid -> uffd ioctl
+
+static __always_inline struct ioctl_state *ioctl_in_flight(u32 tid) {
+    struct ioctl_state *io = ioctls.lookup(&tid);
+    return io && io->enter_ns ? io : NULL;
+}
+#endif
+#ifdef FULL_MODE
+struct read_state { u64 buf, fdkey; u8 known; };
+BPF_HASH(reads, u32, struct read_state, MAX_THREADS);  // tid -> read of a possible uffd
 #endif
 
 // (struct task_struct *p). sched_waking, unlike sched_wakeup, always fires in the waker's
@@ -323,14 +366,17 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 
     // T waking a task from inside its fault: handle_userfault notifying a handler.
     struct fault_state *me = inflight.lookup(&cur_tid);
-    if (me && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
+    if (is_active(me) && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
         me->flags |= F_NOTIFIED;
         me->notify_tid = p_tid;
         me->notify_tgid = task_field(p, TASK_TGID_OFF);
+#ifndef KPROBE_BACKEND
+        sample_region(ctx, me);  // keeps it only if in handle_userfault
+#endif
     }
 
     struct fault_state *st = inflight.lookup(&p_tid);
-    if (!st || (st->flags & F_WOKEN))
+    if (!is_active(st) || (st->flags & F_WOKEN))
         return 0;
     // Woken in the fault: after a block we saw, or (no switch-out yet) from handle_userfault's
     // TASK_INTERRUPTIBLE — not out of another kind of wait (a lock or I/O sleeps
@@ -345,17 +391,14 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     st->waker_tid = cur_tid;
     st->flags |= F_WOKEN;
 #ifdef TRACK_IOCTLS
-    struct ioctl_state *io = ioctls.lookup(&cur_tid);
+    struct ioctl_state *io = ioctl_in_flight(cur_tid);
     if (io) {
         st->ioctl_enter_ns = io->enter_ns;
         st->ioctl_nr = io->cmd & 0xff;
     }
 #endif
 #ifndef TRACE_ALL
-    // The resolver's process (a handler that may live elsewhere) joins the traced set.
-    u32 waker_tgid = id >> 32;
-    u8 handler = 2;
-    tracked.insert(&waker_tgid, &handler);
+    track_handler(id >> 32);  // the resolver's process (it may live elsewhere) joins the traced set
 #endif
     if (!(st->flags & F_BLOCKED)) {
         // Resolved before T ever left the CPU: it runs on from here.
@@ -373,12 +416,12 @@ RAW_TRACEPOINT_PROBE(rseq_update) {
     struct fault_state *st = inflight.lookup(&tid);
     // Woken and now back in user space. (Rarely no switch-in of T was seen after its wakeup,
     // about once in a million faults here: the fault still ends here, without resume_ns.)
-    if (!st || !(st->flags & F_WOKEN))
+    if (!is_active(st) || !(st->flags & F_WOKEN))
         return 0;
     st->return_ns = bpf_ktime_get_ns();
     if (st->flags & F_RECORDED)
         emit_fault(st, id >> 32, tid);
-    inflight.delete(&tid);
+    st->flags &= ~F_ACTIVE;
     return 0;
 }
 
@@ -402,15 +445,18 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct fault_state *st = inflight.lookup(&tid);
-    if (st) {
+    if (is_active(st)) {
         if (!(st->flags & F_RESUMED) && (st->flags & (F_BLOCKED | F_NOTIFIED)))
             st->flags |= F_EXITED;
         if (st->flags & F_RECORDED_AT_EXIT)
             emit_fault(st, id >> 32, tid);
-        inflight.delete(&tid);
     }
+    inflight.delete(&tid);
 #ifdef TRACK_IOCTLS
     ioctls.delete(&tid);
+#endif
+#ifdef FULL_MODE
+    reads.delete(&tid);
 #endif
     return 0;
 }
@@ -437,7 +483,10 @@ static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg) {
         io.len = a[1];
         io.mode = a[2];
     }
-    if (ioctls.update(&tid, &io))
+    struct ioctl_state *prev = ioctls.lookup(&tid);
+    if (prev)
+        *prev = io;
+    else if (ioctls.update(&tid, &io))
         count_lost(LOST_IOCTL_FULL);
 }
 
@@ -454,6 +503,7 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count_lost(LOST_RINGBUF);
+        io->enter_ns = 0;
         return;
     }
     __builtin_memset(e, 0, sizeof(*e));
@@ -473,6 +523,7 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     e->mapped = mapped;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    io->enter_ns = 0;
 }
 #endif
 
@@ -482,19 +533,8 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
 #define UFFD_EVENT_PAGEFAULT 0x12
 #define MAX_MSGS 16
 
-struct read_state { u64 buf, fdkey; u8 known; };
-BPF_HASH(reads, u32, struct read_state, MAX_THREADS);
 BPF_HASH(uffd_fds, u64, u8, 16384);  // (tgid << 32 | fd) known to be userfaultfds
 
-static __always_inline u64 reg(struct pt_regs *regs, int which) {
-    u64 v = 0;
-    switch (which) {
-    case 0: bpf_probe_read_kernel(&v, 8, &regs->di); break;
-    case 1: bpf_probe_read_kernel(&v, 8, &regs->si); break;
-    case 2: bpf_probe_read_kernel(&v, 8, &regs->dx); break;
-    }
-    return v;
-}
 
 // (struct pt_regs *regs, long id)
 RAW_TRACEPOINT_PROBE(sys_enter) {
@@ -507,23 +547,30 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         return 0;
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     u32 tid = (u32)id;
-    u64 fd = reg(regs, 0);
-    u64 fdkey = ((u64)tgid << 32) | (u32)fd;
+    u64 dx_si_di[3] = {};  // the third, second and first arguments, adjacent in pt_regs
+    bpf_probe_read_kernel(dx_si_di, sizeof(dx_si_di), &regs->dx);
+    u64 fdkey = ((u64)tgid << 32) | (u32)dx_si_di[2];
     if (nr == NR_READ) {
         // Reads of fds not yet known as uffds are checked at exit too: a handler may have
         // received its uffd over a socket and read it before any ioctl.
-        struct read_state rs = {.buf = reg(regs, 1), .fdkey = fdkey,
+        struct read_state rs = {.buf = dx_si_di[1], .fdkey = fdkey,
                                 .known = uffd_fds.lookup(&fdkey) != NULL};
-        reads.update(&tid, &rs);
+        struct read_state *prev = reads.lookup(&tid);
+        if (prev)
+            *prev = rs;
+        else
+            reads.update(&tid, &rs);
         return 0;
     }
 #ifndef IOCTL_KPROBE  // else userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
-    u32 cmd = reg(regs, 1);
+    u32 cmd = dx_si_di[1];
     if (((cmd >> 8) & 0xff) != UFFDIO_TYPE)
         return 0;
-    u8 one = 1;
-    uffd_fds.update(&fdkey, &one);
-    enter_ioctl(tid, cmd, reg(regs, 2));
+    if (!uffd_fds.lookup(&fdkey)) {
+        u8 one = 1;
+        uffd_fds.update(&fdkey, &one);
+    }
+    enter_ioctl(tid, cmd, dx_si_di[0]);
 #endif
     return 0;
 }
@@ -538,7 +585,7 @@ static __always_inline bool looks_like_uffd(u64 buf, long ret) {
         return false;
     u32 ptid = (u32)m[3];
     struct fault_state *st = ptid ? inflight.lookup(&ptid) : NULL;
-    return st && ((st->addr & ~0xfffULL) == m[2] || (st->addr & ~0x1fffffULL) == m[2]);
+    return is_active(st) && ((st->addr & ~0xfffULL) == m[2] || (st->addr & ~0x1fffffULL) == m[2]);
 }
 
 // One message of a handler's read: a fault's goes to its in-flight state, anything else
@@ -548,7 +595,7 @@ static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 *m) {
     u32 ptid = (u32)m[3];
     if (event == UFFD_EVENT_PAGEFAULT && ptid) {
         struct fault_state *st = inflight.lookup(&ptid);
-        if (st && !st->msg_ns) {
+        if (is_active(st) && !st->msg_ns) {
             st->msg_ns = now;
             st->msg_flags = m[1];
             st->msg_tid = tid;
@@ -599,15 +646,14 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     u32 tid = (u32)id;
     long ret = ctx->args[1];
 #ifndef IOCTL_KPROBE
-    struct ioctl_state *io = ioctls.lookup(&tid);
+    struct ioctl_state *io = ioctl_in_flight(tid);
     if (io) {
         exit_ioctl(tgid, tid, io, ret);
-        ioctls.delete(&tid);
         return 0;
     }
 #endif
     struct read_state *rs = reads.lookup(&tid);
-    if (rs) {
+    if (rs && rs->fdkey) {
         if (!rs->known && looks_like_uffd(rs->buf, ret)) {
             u8 one = 1;
             uffd_fds.update(&rs->fdkey, &one);
@@ -615,7 +661,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         }
         if (rs->known)
             exit_read(tgid, tid, rs->buf, ret);
-        reads.delete(&tid);
+        rs->fdkey = 0;
     }
     return 0;
 }

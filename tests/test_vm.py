@@ -238,4 +238,10 @@ def test_host_tracepoint_and_vm_kprobe_agree(vm_out: Path, host_run: Path, wl: s
     assert host.truth["page_size"] == page
     assert len(host.rec) == len(vm.rec) == host.truth["faults"] == vm.truth["faults"]
     assert pages(host.rec, page, host.gt["addr"].min()) == pages(vm.rec, page, vm.gt["addr"].min())
-    assert set(host.rec["backing"]) == set(vm.rec["backing"]) == {WORKLOADS[wl].backing}
+    assert set(vm.rec["backing"]) == {WORKLOADS[wl].backing}
+    # The tracepoint backend samples a region's path only when a fault there notified its
+    # handler or slept (README, known limits); a fault resolved before either stays unclassified.
+    unclassified = host.rec["backing"].isna()
+    assert set(host.rec.loc[~unclassified, "backing"]) == {WORKLOADS[wl].backing}
+    assert host.rec.loc[unclassified, "block_ns"].isna().all()
+    assert unclassified.sum() <= len(host.rec) // 10

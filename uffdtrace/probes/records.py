@@ -20,6 +20,7 @@ F_OFF_AGAIN = 512
 F_UFFD = 1024  # kprobe backend: the fault entered handle_userfault; `mapped` holds its reason
 F_HUGETLB = 2048
 F_SHMEM = 4096
+F_ACTIVE = 8192  # BPF state only (a fault in flight); never set in records
 
 # struct event flags for EV_IOCTL (kprobe backend): kernel functions the ioctl went through
 IO_MFILL = 1  # its mcopy/mfill function; t2 = time inside

@@ -14,7 +14,7 @@ from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
 from uffdtrace.probes.paths import Paths, RegionPaths
-from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_MSG, F_WOKEN, LOST_REASONS
+from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_ACTIVE, F_MSG, F_WOKEN, LOST_REASONS
 from uffdtrace.probes.ringbuf import RingBufferReader
 
 MODES = ("light", "full")
@@ -100,6 +100,10 @@ class TracepointBackend:
     def sees_ioctls(self) -> bool:
         return self.mode == "full"
 
+    def raw_tracepoints(self) -> list[str]:
+        """The raw tracepoints this backend's programs are attached to."""
+        return sorted(tp.decode() for tp in self._bpf.raw_tracepoint_fds)
+
     def _call_sites_seen(self, pid: int, addrs: np.ndarray) -> set[int]:
         sites = {frames[0] for addr in addrs if (frames := self.region_frames(pid, int(addr)))}
         self.forget_regions(pid)  # the next calibration run may map the same addresses
@@ -122,8 +126,8 @@ class TracepointBackend:
         to user space, later fault, switch-out or exit): at the end of a session they are done."""
         rows = []
         for k, st in self._bpf["inflight"].items():
-            if st.flags & self.recorded_flags:
-                rows.append((EV_FAULT, st.ioctl_nr, st.flags, st.tgid, k.value,
+            if st.flags & F_ACTIVE and st.flags & self.recorded_flags:
+                rows.append((EV_FAULT, st.ioctl_nr, st.flags & ~F_ACTIVE, st.tgid, k.value,
                              st.waker_pid, st.waker_tid, st.notify_tid, st.fault_ns, st.block_ns,
                              st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, 0, st.addr,
                              st.error_code, st.msg_flags, st.msg_tid, st.reason, bytes(st.comm)))
