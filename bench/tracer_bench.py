@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from bench.exerciser_bench import alternate, summarize
 
 PEER = Path(__file__).with_name("peer.bt")
@@ -119,13 +121,15 @@ def soak(seconds: float = 60.0, pages: int = 300_000, mode: str = "full") -> dic
         log = Path(tmp) / "runs.jsonl"
         loop = (f"end=$(($(date +%s) + {int(seconds)})); while [ $(date +%s) -lt $end ]; do "
                 + " ".join(_workload(pages)) + f" >> {log}; done")
+        csv = Path(tmp) / "faults.csv"
         t0 = time.monotonic()
         out = subprocess.run(
-            [*UFFDTRACE, "record", "--mode", mode, "-o", "/dev/null", "--json", "--",
+            [*UFFDTRACE, "record", "--mode", mode, "-o", str(csv), "--json", "--",
              "sh", "-c", loop], capture_output=True, text=True, check=True)
         wall = time.monotonic() - t0
         tracer = json.loads(out.stdout)
         runs = [json.loads(line) for line in log.read_text().splitlines()]
+        recorded = pd.read_csv(csv, usecols=["pid", "comm", "outcome"])
     return {
         "mode": mode,
         "seconds": round(wall, 1),
@@ -134,4 +138,18 @@ def soak(seconds: float = 60.0, pages: int = 300_000, mode: str = "full") -> dic
         "lost": tracer["lost_total"],
         "median_run_rate_per_s": statistics.median(r["rate_per_s"] for r in runs),
         "tracer_cpu_s": tracer["tracer_cpu_s"],
+        "mismatched": mismatches(recorded, runs),
     }
+
+
+def mismatches(recorded: pd.DataFrame, runs: list[dict[str, Any]]) -> dict[int, str]:
+    """Processes whose recorded rows differ in number from their faults (none for a process
+    that is not an exerciser run): the difference, and the comm and outcome of their rows."""
+    expected = pd.Series({r["pid"]: r["faults"] for r in runs}, dtype=int)
+    seen = recorded.groupby("pid").size()
+    diff = seen.sub(expected, fill_value=0).astype(int)
+    out = {}
+    for pid, n in diff[diff != 0].items():
+        rows = recorded[recorded["pid"] == pid]
+        out[int(pid)] = f"{n:+d}: " + ", ".join(sorted(set(rows["comm"] + " " + rows["outcome"])))
+    return out

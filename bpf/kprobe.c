@@ -28,7 +28,7 @@ static __always_inline int uffd_fault(u64 reason) {
     int zero = 0;
     u32 *cal = calibrating.lookup(&zero);
     if (cal && *cal == (u32)(id >> 32)) {
-        struct reason_key key = {.reason = st->reason};
+        struct reason_key key = {.reason = reason};
         reasons_seen.increment(key);
     }
     return 0;

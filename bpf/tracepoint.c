@@ -136,6 +136,20 @@ static __always_inline void count_lost(int reason) {
         (*n)++;
 }
 
+// A zeroed record of `type` from (tgid, tid), or NULL (counted) when the ring buffer is full.
+static __always_inline struct event *new_event(u8 type, u32 tgid, u32 tid) {
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count_lost(LOST_RINGBUF);
+        return NULL;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->type = type;
+    e->pid = tgid;
+    e->tid = tid;
+    return e;
+}
+
 static __always_inline int log2_us_slot(u64 ns) {
     u64 us = ns / 1000;
     return us ? (int)bpf_log2l(us) - 1 : 0;  // bucket N holds [2^N, 2^(N+1)) us
@@ -247,16 +261,11 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid)
     u64 end = st->return_ns ? st->return_ns : st->resume_ns;
     if (end)
         stall_hist.increment(log2_us_slot(end - st->fault_ns));
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count_lost(LOST_RINGBUF);
+    struct event *e = new_event(EV_FAULT, pid, tid);
+    if (!e)
         return;
-    }
-    e->type = EV_FAULT;
     e->flags = st->flags & ~F_ACTIVE;
     e->nr = st->ioctl_nr;
-    e->pid = pid;
-    e->tid = tid;
     e->peer_pid = st->waker_pid;
     e->peer_tid = st->waker_tid;
     e->notify_tid = st->notify_tid;
@@ -498,21 +507,16 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
         bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 24));
     else if (nr == NR_COPY)
         bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 32));
+    u64 enter_ns = io->enter_ns;
     if (nr == NR_CONTINUE)
-        continue_hist.increment(log2_us_slot(now - io->enter_ns));
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count_lost(LOST_RINGBUF);
-        io->enter_ns = 0;
+        continue_hist.increment(log2_us_slot(now - enter_ns));
+    io->enter_ns = 0;  // no ioctl in flight any more
+    struct event *e = new_event(EV_IOCTL, tgid, tid);
+    if (!e)
         return;
-    }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->type = EV_IOCTL;
     e->nr = nr;
     e->flags = io->flags;
-    e->pid = tgid;
-    e->tid = tid;
-    e->t0 = io->enter_ns;
+    e->t0 = enter_ns;
     e->t1 = now;
     e->t2 = io->mfill_ns;
     e->t3 = io->install_ns;
@@ -523,7 +527,6 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     e->mapped = mapped;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
-    io->enter_ns = 0;
 }
 #endif
 
@@ -607,16 +610,10 @@ static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 *m) {
         u64 key = ((u64)tgid << 32) | event;
         uffd_events.increment(key);
     }
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count_lost(LOST_RINGBUF);
+    struct event *e = new_event(EV_MSG, tgid, tid);
+    if (!e)
         return;
-    }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->type = EV_MSG;
     e->nr = event;
-    e->pid = tgid;
-    e->tid = tid;
     e->t0 = now;
     e->addr = m[2];
     e->len = m[1];

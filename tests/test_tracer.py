@@ -288,3 +288,30 @@ def test_kprobe_backend_is_refused_here():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "kprobes missing" in out.stderr and "tracepoint backend" in out.stderr
+
+
+def test_untrack_drops_thread_state():
+    """A thread with BPF state counts as tracked; untracking its process drops that state.
+    (Calibration tracks the tracer's own process for a moment.)"""
+    import mmap
+    import os
+    import threading
+
+    from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
+
+    backend = TracepointBackend(mode="light", scope=TraceScope())
+    backend.start()
+    try:
+        me = threading.get_native_id()
+        states = backend._bpf["inflight"]
+        backend.track(os.getpid())
+        with mmap.mmap(-1, 64 << 12) as fresh:
+            fresh[::4096] = b"x" * 64  # page faults of this thread, now tracked
+            assert me in {k.value for k in states}
+            backend.untrack(os.getpid())
+            assert me not in {k.value for k in states}
+        with mmap.mmap(-1, 64 << 12) as fresh:
+            fresh[::4096] = b"x" * 64
+            assert me not in {k.value for k in states}
+    finally:
+        backend.close()

@@ -30,4 +30,4 @@ def resolve(requested: str) -> type[TracepointBackend]:
 
 
 def _may_hook_functions() -> bool:
-    return KPROBE_PMU.exists() or "bpf_trampoline_link_prog" in kallsyms().names
+    return KPROBE_PMU.exists() or "bpf_trampoline_link_prog" in kallsyms().present

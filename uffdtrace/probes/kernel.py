@@ -42,6 +42,10 @@ class KernelSymbols:
         end = next((a for a in self.addrs[i + 1 :] if a > self.addrs[i]), self.addrs[i] + 1)
         return self.addrs[i], end
 
+    @functools.cached_property
+    def present(self) -> frozenset[str]:
+        return frozenset(self.names)
+
     def name_at(self, addr: int) -> str | None:
         i = bisect.bisect_right(self.addrs, addr) - 1
         return self.names[i] if i >= 0 else None

@@ -49,7 +49,7 @@ class KprobeBackend(TracepointBackend):
         return "".join(hooks.kprobe_functions(h)[2] for h in hooks.HOOKS)
 
     def resolved(self) -> dict[str, str | None]:
-        return hooks.resolve(kallsyms().names)
+        return hooks.resolve(kallsyms().present)
 
     def cflags(self) -> list[str]:
         flags = [*super().cflags(), "-DKPROBE_BACKEND"]
@@ -66,7 +66,7 @@ class KprobeBackend(TracepointBackend):
 
     def _kprobe_first(self, hook: hooks.Hook) -> str | None:
         """"kprobe:<symbol>" for the first of the hook's symbols that takes its probes, or None."""
-        present = set(kallsyms().names)
+        present = kallsyms().present
         return next((f"kprobe:{s}" for s in hook.symbols if s in present and self._attach(hook, s)), None)
 
     def _require_fault_hook(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -113,7 +114,12 @@ class TracepointBackend:
         self._bpf["tracked"][ctypes.c_uint32(pid)] = ctypes.c_uint8(role)
 
     def untrack(self, pid: int) -> None:
+        """Stop tracing a process. Its threads' per-thread state goes too: a thread with state
+        counts as tracked (the fast path of page_fault_user)."""
         self._bpf["tracked"].pop(ctypes.c_uint32(pid), None)
+        inflight = self._bpf["inflight"]
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            inflight.pop(ctypes.c_uint32(int(tid)), None)
 
     def tracked(self) -> dict[int, int]:
         return {k.value: v.value for k, v in self._bpf["tracked"].items()}
