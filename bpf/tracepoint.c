@@ -183,7 +183,7 @@ static __always_inline bool is_active(struct fault_state *st) {
     return st && (st->flags & F_ACTIVE);
 }
 
-static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid);
+static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning);
 
 // page fault in user mode: (unsigned long address, struct pt_regs *regs, unsigned long error_code)
 RAW_TRACEPOINT_PROBE(page_fault_user) {
@@ -193,14 +193,12 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
     struct fault_state *prev = inflight.lookup(&tid);
     if (!prev && !is_tracked(id >> 32))
         return 0;
-    struct fault_state st = {};
+    struct fault_state st = {.fault_ns = bpf_ktime_get_ns(), .flags = F_ACTIVE};
     if (prev) {
         if (is_active(prev) && (prev->flags & F_RECORDED))
-            emit_fault(prev, id >> 32, tid);  // a new fault: the previous one has certainly ended
+            emit_fault(prev, id >> 32, tid, false);  // a new fault: the last one has certainly ended
         st.sampled = prev->sampled;
     }
-    st.fault_ns = bpf_ktime_get_ns();
-    st.flags = F_ACTIVE;
     st.tgid = id >> 32;
     st.addr = ctx->args[0];
     st.error_code = ctx->args[2];
@@ -257,11 +255,15 @@ static __always_inline void sample_region(void *ctx, struct fault_state *st) {
         st->sampled = region + 1;
 }
 
-static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid) {
+// The FAULT record of st. `returning`: T is on its way back to user space now, and return_ns is
+// taken last, so that the stall includes this work, which T waits for too.
+static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning) {
+    struct event *e = new_event(EV_FAULT, pid, tid);
+    if (returning)
+        st->return_ns = bpf_ktime_get_ns();
     u64 end = st->return_ns ? st->return_ns : st->resume_ns;
     if (end)
         stall_hist.increment(log2_us_slot(end - st->fault_ns));
-    struct event *e = new_event(EV_FAULT, pid, tid);
     if (!e)
         return;
     e->flags = st->flags & ~F_ACTIVE;
@@ -296,7 +298,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
         if (!still_in_fault(st)) {
             // The fault has ended (T is off CPU for something else now).
             if (st->flags & F_RECORDED)
-                emit_fault(st, id >> 32, prev_tid);
+                emit_fault(st, id >> 32, prev_tid, false);
             st->flags &= ~F_ACTIVE;
         } else if (st->flags & F_RESUMED) {
             st->flags |= F_OFF_AGAIN;  // preempted or asleep again while retrying the fault
@@ -427,9 +429,8 @@ RAW_TRACEPOINT_PROBE(rseq_update) {
     // about once in a million faults here: the fault still ends here, without resume_ns.)
     if (!is_active(st) || !(st->flags & F_WOKEN))
         return 0;
-    st->return_ns = bpf_ktime_get_ns();
     if (st->flags & F_RECORDED)
-        emit_fault(st, id >> 32, tid);
+        emit_fault(st, id >> 32, tid, true);
     st->flags &= ~F_ACTIVE;
     return 0;
 }
@@ -458,7 +459,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
         if (!(st->flags & F_RESUMED) && (st->flags & (F_BLOCKED | F_NOTIFIED)))
             st->flags |= F_EXITED;
         if (st->flags & F_RECORDED_AT_EXIT)
-            emit_fault(st, id >> 32, tid);
+            emit_fault(st, id >> 32, tid, false);
     }
     inflight.delete(&tid);
 #ifdef TRACK_IOCTLS
