@@ -12,7 +12,7 @@ from bench.table import format_table
 
 EXERCISER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio"]
 TRACER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio",
-                  "startup_s", "tracer_cpu_s", "bpf_ms", "lost"]
+                  "startup_s", "tracer_cpu_s", "bpf_ms", "lost", "miscounted"]
 
 
 def main() -> int:
@@ -45,6 +45,8 @@ def main() -> int:
                          row["startup_s"] <= tracer_bench.STARTUP_TARGET_S,
                          f"{row['startup_s']:.2f} s"))
         verdicts.append((f"{mode}: no lost events", row["lost"] == 0, f"{row['lost']:.0f} lost"))
+        verdicts.append((f"{mode}: one record per fault", row["miscounted"] == 0,
+                         f"{row['miscounted']} rows off in {row['runs']} runs"))
 
     if args.soak_s > 0:
         for mode in ("light", "full"):
