@@ -164,12 +164,11 @@ static __always_inline bool is_tracked(u32 tgid) {
 }
 
 #ifndef TRACE_ALL
-// A process handling a traced fault becomes traced (lookup first: inserting takes a lock).
+// A process handling a traced fault becomes traced. (lookup_or_try_init looks up first: an
+// insert takes the bucket lock even when the key is there.)
 static __always_inline void track_handler(u32 tgid) {
-    if (!tracked.lookup(&tgid)) {
-        u8 handler = 2;
-        tracked.insert(&tgid, &handler);
-    }
+    u8 handler = 2;
+    tracked.lookup_or_try_init(&tgid, &handler);
 }
 #endif
 
@@ -501,10 +500,10 @@ static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg) {
         io.len = a[1];
         io.mode = a[2];
     }
-    struct ioctl_state *prev = ioctls.lookup(&tid);
-    if (prev)
-        *prev = io;
-    else if (ioctls.update(&tid, &io))
+    struct ioctl_state *slot = ioctls.lookup_or_try_init(&tid, &io);
+    if (slot)
+        *slot = io;  // reused in place
+    else
         count_lost(LOST_IOCTL_FULL);
 }
 
@@ -567,21 +566,17 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         // received its uffd over a socket and read it before any ioctl.
         struct read_state rs = {.buf = dx_si_di[1], .fdkey = fdkey,
                                 .known = uffd_fds.lookup(&fdkey) != NULL};
-        struct read_state *prev = reads.lookup(&tid);
-        if (prev)
-            *prev = rs;
-        else
-            reads.update(&tid, &rs);
+        struct read_state *slot = reads.lookup_or_try_init(&tid, &rs);
+        if (slot)
+            *slot = rs;  // reused in place
         return 0;
     }
 #ifndef IOCTL_KPROBE  // else userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
     u32 cmd = dx_si_di[1];
     if (((cmd >> 8) & 0xff) != UFFDIO_TYPE)
         return 0;
-    if (!uffd_fds.lookup(&fdkey)) {
-        u8 one = 1;
-        uffd_fds.update(&fdkey, &one);
-    }
+    u8 one = 1;
+    uffd_fds.lookup_or_try_init(&fdkey, &one);
     enter_ioctl(tid, cmd, dx_si_di[0]);
 #endif
     return 0;
