@@ -53,6 +53,8 @@ def p99_misses(rec: pd.DataFrame, gt: pd.DataFrame, gt_summary: dict) -> list:
                       suffixes=("_gt", ""), validate="one_to_one")
     assert len(joined) == len(gt)
     joined = joined[joined["outcome"] == "resolved"]
+    if joined.empty:  # a prefetcher won every race in a repeat: nothing measured, not a pass
+        return ["no resolved fault to compare"]
     truth, measured = joined["stall_ns_gt"].to_numpy(), joined["stall_ns"].to_numpy(dtype=float)
     error = np.abs(truth - measured) / np.maximum(0.05 * truth, 2000)
     spread = np.percentile(truth - measured, [50, 99, 100]).round().tolist()
