@@ -1,5 +1,6 @@
-"""`python -m bench` (`make bench`): the exerciser against a minimal C loop, then what tracing
-costs the workload, then a soak for losses. Run it on a quiet machine."""
+"""`python -m bench` (`make bench`): the exerciser against a minimal C loop, what tracing costs
+the workload, how closely per-fault stalls match the workload's own timings out to p99, and a
+soak for losses. Run it on a quiet machine."""
 
 from __future__ import annotations
 
@@ -7,34 +8,63 @@ import argparse
 import os
 import sys
 
-from bench import exerciser_bench, tracer_bench
+from bench import accuracy_bench, exerciser_bench, tracer_bench
 from bench.table import format_table
 
 EXERCISER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio"]
 TRACER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio", "rate_ratio",
                   "startup_s", "tracer_cpu_s", "bpf_ms", "lost", "miscounted"]
+ACCURACY_COLUMNS = ["name", "runs", "gap_p50_us", "gap_p90_us", "gap_p99_us", "beyond_pct",
+                    "runs_within", "entry_over_2us_pct", "exit_over_2us_pct", "exit_over_50us_pct",
+                    "host_noise_pct"]
+SECTIONS = ("exerciser", "overhead", "accuracy", "soak")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--runs", type=int, default=5, help="alternating runs per row")
-    parser.add_argument("--soak-s", type=float, default=60.0, help="soak duration (0: skip)")
+    parser.add_argument("--soak-s", type=float, default=60.0, help="soak duration")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable; default: all)")
     args = parser.parse_args()
+    sections = args.only or SECTIONS
     print(f"load average {os.getloadavg()[0]:.2f} (benchmark a quiet machine)\n", flush=True)
     verdicts = []
 
+    if "exerciser" in sections:
+        verdicts += exerciser_section(args.runs)
+    if "overhead" in sections:
+        verdicts += overhead_section(args.runs)
+    if "accuracy" in sections:
+        verdicts += accuracy_section(args.runs)
+    if "soak" in sections:
+        verdicts += soak_section(args.soak_s)
+
+    print("\ntargets:")
+    for what, ok, value in verdicts:
+        print(f"  {'met   ' if ok else 'MISSED'}  {what}: {value}")
+    return 0 if all(ok for _, ok, _ in verdicts) else 1
+
+
+Verdict = tuple[str, bool, str]
+
+
+def exerciser_section(runs: int) -> list[Verdict]:
     print("shmem minor faults, 1 faulting + 1 handler thread, 100k faults; medians of "
-          f"{args.runs} alternating runs", flush=True)
-    table = exerciser_bench.rows(runs=args.runs)
+          f"{runs} alternating runs", flush=True)
+    table = exerciser_bench.rows(runs=runs)
     print(format_table(table, EXERCISER_COLUMNS))
     pinned = next(r for r in table if r["name"] == "exerciser, pinned cpu0")
-    verdicts.append((f"exerciser p50 within {exerciser_bench.TARGET_RATIO - 1:.0%} of the "
-                     "minimal loop (pinned)", pinned["p50_ratio"] <= exerciser_bench.TARGET_RATIO,
-                     f"ratio {pinned['p50_ratio']:.3f}"))
+    return [(f"exerciser p50 within {exerciser_bench.TARGET_RATIO - 1:.0%} of the "
+             "minimal loop (pinned)", pinned["p50_ratio"] <= exerciser_bench.TARGET_RATIO,
+             f"ratio {pinned['p50_ratio']:.3f}")]
 
+
+def overhead_section(runs: int) -> list[Verdict]:
     print("\nthe same workload pinned to CPU 0, traced; tracer unpinned", flush=True)
-    table = tracer_bench.overhead_rows(runs=args.runs)
+    table = tracer_bench.overhead_rows(runs=runs)
     print(format_table(table, TRACER_COLUMNS))
+    verdicts = []
     for row, floor in zip(table[1:3], table[4:6], strict=True):
         mode = row["name"].split()[-1]
         target = tracer_bench.TARGETS[mode]
@@ -47,20 +77,32 @@ def main() -> int:
         verdicts.append((f"{mode}: no lost events", row["lost"] == 0, f"{row['lost']:.0f} lost"))
         verdicts.append((f"{mode}: one record per fault", row["miscounted"] == 0,
                          f"{row['miscounted']} rows off in {row['runs']} runs"))
+    return verdicts
 
-    if args.soak_s > 0:
-        for mode in ("light", "full"):
-            soak = tracer_bench.soak(seconds=args.soak_s, mode=mode)
-            print(f"\nsoak, {mode}: {soak}", flush=True)
-            verdicts.append((f"soak {mode}: every fault recorded, none lost",
-                             soak["lost"] == 0 and soak["recorded_faults"] == soak["workload_faults"],
-                             f"{soak['recorded_faults']}/{soak['workload_faults']}, "
-                             f"lost {soak['lost']}, {soak['median_run_rate_per_s']:.0f} faults/s"))
 
-    print("\ntargets:")
-    for what, ok, value in verdicts:
-        print(f"  {'met   ' if ok else 'MISSED'}  {what}: {value}")
-    return 0 if all(ok for _, ok, _ in verdicts) else 1
+def accuracy_section(runs: int) -> list[Verdict]:
+    print("\nper fault, the workload's touch against the recorded stall (gap = touch - stall); "
+          f"1 + 1 threads pinned to CPU 0, CONTINUE; medians of {runs} runs", flush=True)
+    table = accuracy_bench.rows(runs=runs)
+    print(format_table(table, ACCURACY_COLUMNS))
+    return [(f"{row['name']}: stall within 5 % or 2 µs of the touch at p99",
+             row["error_p99"] <= 1,
+             f"p99 gap {row['gap_p99_us']:.1f} µs, {row['beyond_pct']:.1f} % beyond; "
+             f"{row['runs_within']}/{row['runs']} runs within (host: "
+             f"{row['host_noise_pct']:.2f} % of plain 1 µs windows stretched > 1 µs)")
+            for row in table]
+
+
+def soak_section(seconds: float) -> list[Verdict]:
+    verdicts = []
+    for mode in ("light", "full"):
+        soak = tracer_bench.soak(seconds=seconds, mode=mode)
+        print(f"\nsoak, {mode}: {soak}", flush=True)
+        verdicts.append((f"soak {mode}: every fault recorded, none lost",
+                         soak["lost"] == 0 and soak["recorded_faults"] == soak["workload_faults"],
+                         f"{soak['recorded_faults']}/{soak['workload_faults']}, "
+                         f"lost {soak['lost']}, {soak['median_run_rate_per_s']:.0f} faults/s"))
+    return verdicts
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The tracer against the exerciser's ground truth, on the real kernel (issue: tracer core).
 
 Each case runs `uffdtrace record -- uffdtrace exercise ...` and compares the recorded CSV with
-the exerciser's own per-fault timings: counts exactly, stall within 5 % or 2 µs at p50 and
-p99, every CONTINUE seen, the seed's errnos on misuse, nothing from untraced processes.
+the exerciser's own per-fault timings: counts exactly, each fault's kernel interval inside its
+touch, stall within 5 % or 2 µs at p50 and p90 (p99: `make bench`), every CONTINUE seen, the
+seed's errnos on misuse, nothing from untraced processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 import pytest
 
 from uffdtrace.events import FAULT_COLUMNS
+from uffdtrace.exerciser.compare import match_faults
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 
@@ -40,29 +42,15 @@ def record(tmp: Path, mode: str, exercise_args: list[str]) -> tuple:
     return rec, summary, pd.read_csv(gt_csv), pd.read_csv(ops_csv), json.loads(gt_json.read_text())
 
 
-def close_enough(measured: float, truth: float) -> bool:
-    return abs(measured - truth) <= max(0.05 * truth, 2000)
-
-
-def p99_misses(rec: pd.DataFrame, gt: pd.DataFrame, gt_summary: dict) -> list:
-    """Per-fault stall vs the exerciser's touch duration, matched by thread and page: at p50
-    an assertion, at p99 what is out of bounds (empty when within)."""
-    page = gt_summary["page_size"]
-    joined = gt.merge(rec.assign(page_addr=rec["addr"] // page * page),
-                      left_on=["tid", "addr"], right_on=["tid", "page_addr"],
-                      suffixes=("_gt", ""), validate="one_to_one")
-    assert len(joined) == len(gt)
-    joined = joined[joined["outcome"] == "resolved"]
-    if joined.empty:  # a prefetcher won every race in a repeat: nothing measured, not a pass
-        return ["no resolved fault to compare"]
-    truth, measured = joined["stall_ns_gt"].to_numpy(), joined["stall_ns"].to_numpy(dtype=float)
-    error = np.abs(truth - measured) / np.maximum(0.05 * truth, 2000)
-    spread = np.percentile(truth - measured, [50, 99, 100]).round().tolist()
-    assert np.percentile(error, 50) <= 1, spread
-    assert close_enough(np.median(measured), np.median(truth))
-    if len(truth) < 100:  # "p99" would be the slowest fault
-        return []
-    return [] if np.percentile(error, 99) <= 1 else spread
+def check_per_fault(rec: pd.DataFrame, gt: pd.DataFrame, gt_summary: dict) -> None:
+    """Every fault's kernel interval inside its touch; the stall within 5 % or 2 µs of the touch
+    at p50 and p90 (see the test for why not p99 here)."""
+    faults = match_faults(rec, gt, gt_summary["page_size"])
+    outside = faults[(faults["entry_ns"] < 0) | (faults["exit_ns"] < 0)]
+    assert outside.empty, f"kernel interval outside the touch:\n{outside.head()}"
+    spread = np.percentile(faults["touch_ns"] - faults["stall_ns"], [50, 90, 99, 100]).round().tolist()
+    assert np.percentile(faults["error"], 50) <= 1, spread
+    assert np.percentile(faults["error"], 90) <= 1, spread
 
 
 CASES = [
@@ -119,21 +107,15 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
     assert (waited | (minor["outcome"] == "no_wait")).all()
     assert waited.mean() > 0.9
 
-    # Per fault, matched by thread and page: |touch duration - stall| within 5 % or 2 us for the
-    # median fault and the 99th-percentile one. What separates the two is the exception entry
-    # and exit around the fault (~1 us here), which no tracepoint sees. Whatever delays the
-    # touch there is invisible to the tracer: outliers of up to 200 us (during one of 167 us the
-    # guest kernel took no interrupt and switched no task on that CPU: the host's doing),
-    # usually well under 1 % of touches, but in some periods more (then the previous tracer
-    # failed 4 to 5 of these 10 hugetlb cases too). So a p99 miss is measured again, with a fresh workload and
-    # tracer, up to twice: a tracer error shows in every run.
-    misses = [p99_misses(minor, gt, gt_summary)]
-    while misses[-1] and len(misses) < 3:
-        again = tmp_path / f"again{len(misses)}"
-        again.mkdir()
-        rec_again, _, gt_again, _, gt_summary_again = record(again, mode, args)
-        misses.append(p99_misses(rec_again, gt_again, gt_summary_again))
-    assert not misses[-1], misses
+    # Per fault, matched by thread and page: the kernel's interval lies inside the touch, and
+    # |touch - stall| is within 5 % or 2 µs at p50 and p90. The gap is the exception entry and
+    # exit (~1 µs here), which no tracepoint sees, and on this VM the host takes time there
+    # that no guest tracepoint sees either: in busy periods 1-1.5 % of touches get 2-5 µs (as
+    # do plain user-mode windows), and up to 2.5 % of hugetlb touches 75-190 µs after the
+    # kernel has returned to user mode (the retried access). With up to 5 % of touches
+    # stretched by the host, p99 is a property of the host: `make bench` measures it next to a
+    # witness of the host's share.
+    check_per_fault(minor, gt, gt_summary)
     assert set(rec["handler_pid"].dropna()) <= {gt_summary["pid"], gt_summary["handler_pid"]}
 
     if mode == "full":
