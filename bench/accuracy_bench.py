@@ -2,11 +2,12 @@
 to p99, next to a witness of how much time the host takes from this virtual CPU.
 
 The touch is timed in user space, the stall in the kernel: the exception entry and exit
-around the fault are in one and not the other (`entry_us`, `exit_us`). On a VM the host also
-takes time there that no guest tracepoint can see, so the p99 target (5 % or 2 µs) depends on
-the host as much as on the tracer; `make test` asserts p50 and p90 and the kernel interval
-inside every touch, this bench measures p99. The witness times plain 1 µs user-mode windows on
-the same CPU, before and after each run: the share that took more than 1 µs longer.
+around the fault are in one and not the other (`entry_...`, `exit_...` columns). On a VM the
+host also takes time there that no guest tracepoint can see, so the p99 target (5 % or 2 µs)
+depends on the host as much as on the tracer; `make test` asserts p50 (overall and per path)
+and the kernel interval inside every touch, this bench measures p99. The witness times plain
+1 µs user-mode windows on the same CPU, before and after each run: the share that took more
+than 1 µs longer.
 """
 
 from __future__ import annotations

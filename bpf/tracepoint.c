@@ -313,16 +313,18 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
             sample_region(ctx, st);  // keeps it only if in handle_userfault
 #endif
         } else if (!(st->flags & F_WOKEN)) {
-            // handle_userfault sets TASK_INTERRUPTIBLE before it notifies and sleeps; a
-            // preemption in between still leaves T off the CPU inside the fault.
+            // handle_userfault sets TASK_INTERRUPTIBLE before it notifies and sleeps, and
+            // prev_state keeps it when T is preempted in between. A notify alone proves
+            // nothing: another fault may wake a task (an I/O worker, kcompactd from an
+            // interrupt), then sleep on I/O or a lock and be woken from there.
             bool uffd_state = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE;
             bool slept = uffd_state && !ctx->args[0];
-            if (uffd_state || (st->flags & F_NOTIFIED)) {
+            if (uffd_state) {
 #ifndef TRACE_ALL
                 // Notified, then off the CPU in handle_userfault's state: the task it woke
                 // is this uffd's handler. Trace its process from now on (its read and
                 // ioctl of this very fault included), wherever it lives.
-                if (uffd_state && (st->flags & F_NOTIFIED) && st->notify_tgid)
+                if ((st->flags & F_NOTIFIED) && st->notify_tgid)
                     track_handler(st->notify_tgid);
 #endif
                 if (!st->block_ns)
@@ -382,9 +384,11 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     struct task_struct *p = (struct task_struct *)ctx->args[0];
     u32 p_tid = task_field(p, TASK_PID_OFF);
 
-    // T waking a task from inside its fault: handle_userfault notifying a handler.
+    // T waking a task from inside its fault: handle_userfault notifying a handler, which
+    // sleeps interruptibly in read or poll (a kworker woken by I/O the fault issued is idle).
     struct fault_state *me = inflight.lookup(&cur_tid);
-    if (is_active(me) && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me)) {
+    if (is_active(me) && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me) &&
+        (task_field(p, TASK_STATE_OFF) & 0xff) == TASK_INTERRUPTIBLE) {
         me->flags |= F_NOTIFIED;
         me->notify_tid = p_tid;
         me->notify_tgid = task_field(p, TASK_TGID_OFF);

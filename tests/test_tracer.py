@@ -2,8 +2,8 @@
 
 Each case runs `uffdtrace record -- uffdtrace exercise ...` and compares the recorded CSV with
 the exerciser's own per-fault timings: counts exactly, each fault's kernel interval inside its
-touch, stall within 5 % or 2 µs at p50 and p90 (p99: `make bench`), every CONTINUE seen, the
-seed's errnos on misuse, nothing from untraced processes.
+touch, stall within 5 % or 2 µs at p50, overall and per path (p99: `make bench`), every
+CONTINUE seen, the seed's errnos on misuse, nothing from untraced processes.
 """
 
 from __future__ import annotations
@@ -42,15 +42,26 @@ def record(tmp: Path, mode: str, exercise_args: list[str]) -> tuple:
     return rec, summary, pd.read_csv(gt_csv), pd.read_csv(ops_csv), json.loads(gt_json.read_text())
 
 
+PATH_COLUMNS = ["tid", "handler_tid", "resolver", "slept"]
+PATH_MIN_FAULTS = 20
+
+
 def check_per_fault(rec: pd.DataFrame, gt: pd.DataFrame, gt_summary: dict) -> None:
     """Every fault's kernel interval inside its touch; the stall within 5 % or 2 µs of the touch
-    at p50 and p90 (see the test for why not p99 here)."""
+    at p50, over all faults and over the faults of each path the tracer tells apart (faulting
+    thread, resolving thread and ioctl, slept or not): an error confined to one path moves
+    that path's median (see the test for why not p99 here)."""
     faults = match_faults(rec, gt, gt_summary["page_size"])
     outside = faults[(faults["entry_ns"] < 0) | (faults["exit_ns"] < 0)]
     assert outside.empty, f"kernel interval outside the touch:\n{outside.head()}"
-    spread = np.percentile(faults["touch_ns"] - faults["stall_ns"], [50, 90, 99, 100]).round().tolist()
-    assert np.percentile(faults["error"], 50) <= 1, spread
-    assert np.percentile(faults["error"], 90) <= 1, spread
+    if len(faults) < PATH_MIN_FAULTS:  # the prefetcher won nearly every race: no median
+        return
+    gap = faults["touch_ns"] - faults["stall_ns"]
+    assert faults["error"].median() <= 1, np.percentile(gap, [50, 90, 99, 100]).round().tolist()
+    paths = faults.assign(gap_ns=gap).groupby(PATH_COLUMNS, dropna=False).agg(
+        faults=("error", "size"), error=("error", "median"), gap_ns=("gap_ns", "median"))
+    paths = paths[paths["faults"] >= PATH_MIN_FAULTS]
+    assert (paths["error"] <= 1).all(), paths.to_string()
 
 
 CASES = [
@@ -108,13 +119,12 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
     assert waited.mean() > 0.9
 
     # Per fault, matched by thread and page: the kernel's interval lies inside the touch, and
-    # |touch - stall| is within 5 % or 2 µs at p50 and p90. The gap is the exception entry and
-    # exit (~1 µs here), which no tracepoint sees, and on this VM the host takes time there
-    # that no guest tracepoint sees either: in busy periods 1-1.5 % of touches get 2-5 µs (as
-    # do plain user-mode windows), and up to 2.5 % of hugetlb touches 75-190 µs after the
-    # kernel has returned to user mode (the retried access). With up to 5 % of touches
-    # stretched by the host, p99 is a property of the host: `make bench` measures it next to a
-    # witness of the host's share.
+    # |touch - stall| is within 5 % or 2 µs at p50, overall and per path. The gap is the
+    # exception entry and exit (~1 µs here), which no tracepoint sees, and on this VM the host
+    # takes time there that no guest tracepoint sees either: in busy periods up to 10 % of
+    # touches get 1-5 µs more, and up to 4 % of hugetlb touches 75-190 µs more in the retried
+    # access, after the kernel has returned to user mode. The tail is the host's as much as
+    # the tracer's, so p99 is measured by `make bench`, next to a witness of the host's share.
     check_per_fault(minor, gt, gt_summary)
     assert set(rec["handler_pid"].dropna()) <= {gt_summary["pid"], gt_summary["handler_pid"]}
 

@@ -18,8 +18,9 @@ REL_TOLERANCE = 0.05
 
 def match_faults(recorded: pd.DataFrame, truth: pd.DataFrame, page_size: int) -> pd.DataFrame:
     """One row per ground-truth fault that the tracer saw resolved (it waited for a handler),
-    matched by tid and page: the touch, the stall, the windows around it, and the error
-    relative to the tolerance (5 % of the touch or 2 µs, whichever is larger; <= 1 is within)."""
+    matched by tid and page: the path the tracer saw (resolving thread and ioctl, whether the
+    thread slept), the touch, the stall, the windows around it, and the error relative to the
+    tolerance (5 % of the touch or 2 µs, whichever is larger; <= 1 is within)."""
     pages = recorded.assign(page_addr=recorded["addr"] // page_size * page_size)
     joined = truth.merge(pages, left_on=["tid", "addr"], right_on=["tid", "page_addr"],
                          suffixes=("_gt", ""), validate="one_to_one")
@@ -33,6 +34,9 @@ def match_faults(recorded: pd.DataFrame, truth: pd.DataFrame, page_size: int) ->
     return pd.DataFrame({
         "tid": joined["tid"].to_numpy(),
         "addr": joined["addr_gt"].to_numpy(),
+        "handler_tid": joined["handler_tid"].to_numpy(),
+        "resolver": joined["resolver"].to_numpy(),
+        "slept": joined["block_ns"].notna().to_numpy(),
         "touch_ns": touch,
         "stall_ns": stall,
         "entry_ns": fault - joined["start_ns"].to_numpy(dtype=np.int64),

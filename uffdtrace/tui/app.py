@@ -168,6 +168,8 @@ class TopApp(App[None]):
 
     def update(self) -> None:
         """Timer: exit when done, else read the plugins' latest panels and the status."""
+        if not self.is_running:  # shutting down: its screen may already be gone, timers not yet
+            return
         if self.done():
             self.exit()
             return
