@@ -122,8 +122,8 @@ def overhead_rows(pages: int = 100_000, runs: int = 5) -> list[dict[str, Any]]:
 
 def soak(seconds: float = 60.0, pages: int = 300_000, mode: str = "full") -> dict[str, Any]:
     """Back-to-back exerciser runs under one `record` for `seconds`: losses and the rate. The
-    CSV (about 1.5 GB a minute) goes to RAM: on this machine's disk, writeback throttling
-    stalls the writer for longer than the ring buffer lasts, and the soak would measure that."""
+    CSV (about 1.5 GB a minute) goes to RAM, so that the soak measures the tracer rather than
+    this disk's writeback."""
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         log = Path(tmp) / "runs.jsonl"
         loop = (f"end=$(($(date +%s) + {int(seconds)})); while [ $(date +%s) -lt $end ]; do "

@@ -1,18 +1,24 @@
 """A tracing session: backend -> assembler -> sinks, drained on a timer until told to stop.
 
-Data flows one way. The session owns clean-up: BPF programs are detached, kernel settings
-restored and the sinks closed on every way out (end of command, duration, Ctrl-C, SIGTERM).
+Data flows one way. A thread of its own empties the ring buffer into a bounded backlog, so a
+sink that stalls (a disk in writeback) delays rows instead of losing them; past the backlog,
+the ring fills and the kernel side counts what it could not submit. The session owns clean-up:
+BPF programs are detached, kernel settings restored and the sinks closed on every way out (end
+of command, duration, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import resource
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from uffdtrace.pipeline import Assembler
 from uffdtrace.probes.backends import resolve
@@ -24,6 +30,7 @@ from uffdtrace.targets import uffd_holders, uffd_inodes, uffd_ranges
 
 DRAIN_INTERVAL_S = 0.05
 RESCAN_INTERVAL_S = 1.0
+BACKLOG_RECORDS = 2_000_000  # drained, not yet assembled (~270 MB): beyond it the ring fills
 
 
 @dataclass
@@ -65,21 +72,46 @@ class Session:
         self._stop.set()
 
     def run(self, until: Callable[[], bool] = lambda: False, duration_s: float | None = None) -> None:
-        """Drain until stop(), `until()` or the duration; then drain what is left."""
+        """Assemble and write until stop(), `until()` or the duration; then what is left."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
         next_scan = time.monotonic() + RESCAN_INTERVAL_S
-        while not self._stop.is_set():
-            if until() or (deadline is not None and time.monotonic() >= deadline):
-                break
-            self._stop.wait(DRAIN_INTERVAL_S)
-            self.poll()
-            if time.monotonic() >= next_scan:
-                self._add_handlers()
-                next_scan = time.monotonic() + RESCAN_INTERVAL_S
+        backlog, stop_draining = _Backlog(), threading.Event()
+        drainer = threading.Thread(target=self._drain, args=(backlog, stop_draining),
+                                   name="uffdtrace-drain", daemon=True)
+        drainer.start()
+        try:
+            while not self._stop.is_set():
+                if until() or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                batch = backlog.take(DRAIN_INTERVAL_S)
+                if batch is not None:
+                    self._feed(batch)
+                if time.monotonic() >= next_scan:
+                    self._add_handlers()
+                    next_scan = time.monotonic() + RESCAN_INTERVAL_S
+        finally:
+            stop_draining.set()
+            drainer.join()
+        if backlog.error is not None:
+            raise backlog.error
+        rest = backlog.take(0)
+        if rest is not None:
+            self._feed(rest)
         self.poll()
 
+    def _drain(self, backlog: _Backlog, done: threading.Event) -> None:
+        try:
+            while not done.wait(DRAIN_INTERVAL_S):
+                if backlog.records < BACKLOG_RECORDS:
+                    backlog.put(self.backend.drain())
+        except Exception as e:  # handed to the assembling thread, which ends the session
+            backlog.error = e
+            self._stop.set()
+
     def poll(self) -> None:
-        raw = self.backend.drain()
+        self._feed(self.backend.drain())
+
+    def _feed(self, raw: np.ndarray) -> None:
         self._emit(self.assembler.feed(raw[raw["pid"] != self._me]))  # never trace ourselves
 
     def _emit(self, batch) -> None:
@@ -118,6 +150,39 @@ class Session:
         info["tracer_cpu_s"] = _cpu_s() - self._cpu0
         info["wall_s"] = time.monotonic() - self._wall0
         return info
+
+
+class _Backlog:
+    """Drained record batches, handed from the drain thread to the assembling one."""
+
+    def __init__(self) -> None:
+        self._batches: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self._put = 0  # records; each counter is written by one thread only
+        self._taken = 0
+        self.error: Exception | None = None
+
+    @property
+    def records(self) -> int:
+        return self._put - self._taken
+
+    def put(self, batch: np.ndarray) -> None:
+        if len(batch):
+            self._put += len(batch)
+            self._batches.put(batch)
+
+    def take(self, timeout_s: float) -> np.ndarray | None:
+        """Everything drained so far, in order, as one batch; waits up to timeout_s for any."""
+        try:
+            batches = [self._batches.get(timeout=timeout_s) if timeout_s else self._batches.get_nowait()]
+        except queue.Empty:
+            return None
+        while True:
+            try:
+                batches.append(self._batches.get_nowait())
+            except queue.Empty:
+                break
+        self._taken += sum(len(b) for b in batches)
+        return np.concatenate(batches)
 
 
 def _cpu_s() -> float:

@@ -19,7 +19,7 @@ from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_ACTIVE, F_MSG, F_W
 from uffdtrace.probes.ringbuf import RingBufferReader
 
 MODES = ("light", "full")
-RINGBUF_BYTES = 128 << 20  # ~2 s of full-mode records at 200k faults/s (README: 32 MiB lost some)
+RINGBUF_BYTES = 128 << 20  # ~2 s of full-mode records at 200k faults/s, while the drain thread waits
 MAX_THREADS = 65536
 TARGET, HANDLER = 1, 2
 
