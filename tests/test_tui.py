@@ -239,8 +239,10 @@ def test_live_exerciser(no_leaks):
         session.close()
 
 
-def run_in_terminal(argv: list[str], stop_after_s: float | None = None) -> tuple[int, str]:
-    """Run `argv` on a pseudo-terminal (SIGTERM after `stop_after_s`): (exit code, output)."""
+def run_in_terminal(argv: list[str], stop_after_s: float | None = None,
+                    answer: tuple[str, bytes] | None = None) -> tuple[int, str]:
+    """Run `argv` on a pseudo-terminal (SIGTERM after `stop_after_s`; `answer` = (text, keys):
+    type the keys once the output shows the text): (exit code, output)."""
     pid, fd = pty.fork()
     if pid == 0:
         os.environ.update(TERM="xterm-256color", COLUMNS="100", LINES="30")
@@ -250,6 +252,9 @@ def run_in_terminal(argv: list[str], stop_after_s: float | None = None) -> tuple
         if stop_after_s is not None and not sent and time.monotonic() - start > stop_after_s:
             os.kill(pid, signal.SIGTERM)
             sent = True
+        if answer is not None and answer[0].encode() in out:
+            os.write(fd, answer[1])
+            answer = None
         if select.select([fd], [], [], 0.1)[0]:
             try:
                 chunk = os.read(fd, 65536)
@@ -274,3 +279,14 @@ def test_top_command_restores_terminal(no_leaks, how):
     assert "tracer cost:" in out.split("\x1b[?1049l")[-1]  # printed after session.close()
     if how == "command exits":
         assert "5000 faults (tracepoint backend, full mode)" in out and "verified" in out
+
+
+def test_top_hold_keeps_the_screen_until_q(no_leaks):
+    """--hold: the traced command ends, the screen stays with the final numbers until q."""
+    code, out = run_in_terminal(
+        [str(UFFDTRACE), "top", "--hold", "--", str(UFFDTRACE), "exercise", "--pages", "5000"],
+        answer=("ended, q quits", b"q"))
+    assert code == 0, out[-2000:]
+    screen, after = out.rsplit("\x1b[?1049l", 1)
+    assert "ended, q quits" in screen and "n=5000" in screen
+    assert "5000 faults (tracepoint backend, full mode)" in after and "verified" in after

@@ -4,8 +4,8 @@ Where network namespaces can be made (root), the workload is `uffdtrace migrate`
 copied over an emulated 1 Gbit/s link, resumed on the target with stale pages fetched on
 demand while a prefetcher pulls the rest. Elsewhere it is the exerciser with several faulting
 threads, a stale fraction refreshed before each CONTINUE, and a prefetcher. In a terminal it
-opens `uffdtrace top` on it; without one (CI, pipes) it records it headless, bounded in time,
-and prints the summary.
+opens `uffdtrace top --hold` on it (the last screen stays up until q); without one (CI,
+pipes) it records it headless, bounded in time, and prints the summary.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     command, what = workload()
     print(f"uffdtrace demo: {what}", file=sys.stderr)
     if sys.stdin.isatty() and sys.stdout.isatty():
-        return top.run(_parse(top, ["--mode", args.mode, "--", *command]))
+        return top.run(_parse(top, ["--mode", args.mode, "--hold", "--", *command]))
     with tempfile.TemporaryDirectory(prefix="uffdtrace-demo-") as tmp:
         csv = Path(tmp) / "faults.csv"
         print(f"uffdtrace demo: no terminal, recording headless (at most {HEADLESS_LIMIT_S:.0f} s)",

@@ -2,15 +2,17 @@
 
 Panels come from plugins (latency, blocktime, timeline, misuse, and any --plugin that defines
 panels()). The tracer drains in a worker thread; the screen refreshes every --interval. On
-quit, Ctrl-C, SIGTERM, the traced command's exit or the terminal closing, the screen is
-restored, BPF programs are detached and the summary of `record` is printed. A traced
-command's output is held back while the screen is up and printed before the summary.
+quit, Ctrl-C, SIGTERM, the traced command's exit (with --hold: the q after it) or the
+terminal closing, the screen is restored, BPF programs are detached and the summary of
+`record` is printed. A traced command's output is held back while the screen is up and
+printed before the summary.
 
 keys: p pause/resume  r reset  m cycle metric (stall/notify/wake-to-run, continue/handler)
       l linear/log bars  o sort column  f filter tables by pid  s save snapshot CSVs  q quit
 
 examples:
   uffdtrace top -- uffdtrace exercise --pages 200000 --cpus 0
+  uffdtrace top --hold -- uffdtrace migrate --bandwidth 1
   uffdtrace top -p 4242 --mode light
 """
 
@@ -57,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also show this plugin's panels (repeatable)")
     p.add_argument("--opt", action="append", default=[], metavar="PLUGIN.NAME=VALUE",
                    help="set a plugin option (repeatable)")
+    p.add_argument("--hold", action="store_true",
+                   help="keep the last screen up after the traced command ends, until q")
     add_command_argument(p)
 
 
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 launched.release()
             run_top(session, host,
                     until=lambda: launched is not None and launched.poll() is not None,
-                    interval_s=args.interval, snapshot_dir=args.snapshot_dir)
+                    hold=args.hold, interval_s=args.interval, snapshot_dir=args.snapshot_dir)
         finally:
             if launched and launched.poll() is None:
                 launched.terminate()

@@ -301,11 +301,12 @@ class SessionStatus:
 
 
 def run_top(session: Session, host: PluginSink, *, until: Callable[[], bool] = lambda: False,
-            interval_s: float = 0.5, snapshot_dir: Path = Path()) -> None:
+            hold: bool = False, interval_s: float = 0.5, snapshot_dir: Path = Path()) -> None:
     """Show `host`'s panels while the started `session` drains in a worker thread, until the
     user quits, a signal (INT, TERM, HUP) arrives or `until()` holds (e.g. the traced command
-    ended). The session is then stopped, not closed: the caller closes it and prints the
-    summary. `host` must be one of the session's sinks, made with panels=True."""
+    ended); with `hold`, the last screen stays up after `until()` until the user quits. The
+    session is then stopped, not closed: the caller closes it and prints the summary. `host`
+    must be one of the session's sinks, made with panels=True."""
     failure: list[BaseException] = []
 
     def drain() -> None:
@@ -314,9 +315,14 @@ def run_top(session: Session, host: PluginSink, *, until: Callable[[], bool] = l
         except BaseException as e:  # re-raised below, once the terminal is restored
             failure.append(e)
 
-    worker = threading.Thread(target=drain, name="uffdtrace-drain", daemon=True)
-    app = TopApp(host, SessionStatus(session, host), interval_s=interval_s,
-                 done=lambda: not worker.is_alive(), snapshot_dir=snapshot_dir)
+    worker = threading.Thread(target=drain, name="uffdtrace-session", daemon=True)
+    session_status = SessionStatus(session, host)
+
+    def status() -> str:  # what ended comes first: the line is cut at the terminal's width
+        return session_status() if worker.is_alive() else f"ended, q quits · {session_status()}"
+
+    app = TopApp(host, status, interval_s=interval_s,
+                 done=lambda: not hold and not worker.is_alive(), snapshot_dir=snapshot_dir)
     worker.start()
     try:
         app.run()
