@@ -302,20 +302,20 @@ class SessionStatus:
 
 def run_top(session: Session, host: PluginSink, *, until: Callable[[], bool] = lambda: False,
             hold: bool = False, interval_s: float = 0.5, snapshot_dir: Path = Path()) -> None:
-    """Show `host`'s panels while the started `session` drains in a worker thread, until the
+    """Show `host`'s panels while the started `session` runs in a worker thread, until the
     user quits, a signal (INT, TERM, HUP) arrives or `until()` holds (e.g. the traced command
     ended); with `hold`, the last screen stays up after `until()` until the user quits. The
     session is then stopped, not closed: the caller closes it and prints the summary. `host`
     must be one of the session's sinks, made with panels=True."""
     failure: list[BaseException] = []
 
-    def drain() -> None:
+    def run_session() -> None:
         try:
             session.run(until=until)
         except BaseException as e:  # re-raised below, once the terminal is restored
             failure.append(e)
 
-    worker = threading.Thread(target=drain, name="uffdtrace-session", daemon=True)
+    worker = threading.Thread(target=run_session, name="uffdtrace-session", daemon=True)
     session_status = SessionStatus(session, host)
 
     def status() -> str:  # what ended comes first: the line is cut at the terminal's width
