@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,22 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.exerciser_bench import build_c
+from bench.tracer_bench import UFFDTRACE
 from uffdtrace.exerciser.compare import match_faults
 
 WITNESS_SOURCE = Path(__file__).with_name("host_noise.c")
-UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 CPU = 0
 PAGES = {"shmem": 3000, "hugetlb": 1000}
 WITNESS_WINDOWS, WITNESS_WIDTH_NS = 200_000, 1000
-
-
-def build_witness(workdir: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise SystemExit("bench: gcc not found (apt-get install gcc)")
-    binary = workdir / "host_noise"
-    subprocess.run([gcc, "-O2", "-o", str(binary), str(WITNESS_SOURCE)], check=True)
-    return binary
 
 
 def host_noise(witness: Path) -> float:
@@ -82,7 +72,7 @@ def rows(runs: int = 5) -> list[dict[str, Any]]:
     """Per backing and mode, medians over `runs`; `runs_within` counts runs meeting p99."""
     table = []
     with tempfile.TemporaryDirectory() as tmp:
-        witness = build_witness(Path(tmp))
+        witness = build_c(WITNESS_SOURCE, Path(tmp))
         for backing in PAGES:
             for mode in ("light", "full"):
                 samples = []

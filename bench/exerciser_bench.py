@@ -25,14 +25,13 @@ TARGET_RATIO = 1.10  # exerciser p50 within 10 % of the minimal loop, pinned
 Sample = dict[str, float]
 
 
-def build_minimal_loop(workdir: Path) -> Path:
-    """Compile minimal_loop.c with gcc -O2 into `workdir`."""
+def build_c(source: Path, workdir: Path) -> Path:
+    """Compile one of the bench's C programs with gcc -O2 into `workdir`."""
     gcc = shutil.which("gcc")
     if gcc is None:
         raise SystemExit("bench: gcc not found (apt-get install gcc)")
-    binary = workdir / "minimal_loop"
-    subprocess.run([gcc, "-O2", "-pthread", "-o", str(binary), str(MINIMAL_LOOP_SOURCE)],
-                   check=True)
+    binary = workdir / source.stem
+    subprocess.run([gcc, "-O2", "-pthread", "-o", str(binary), str(source)], check=True)
     return binary
 
 
@@ -74,7 +73,7 @@ def rows(pages: int = 100_000, runs: int = 5) -> list[dict[str, Any]]:
     """Minimal loop and exerciser, pinned to CPU 0 and unpinned; ratios against the loop."""
     out = []
     with tempfile.TemporaryDirectory(prefix="uffdtrace-bench-") as tmp:
-        binary = build_minimal_loop(Path(tmp))
+        binary = build_c(MINIMAL_LOOP_SOURCE, Path(tmp))
         for cpu, placement in ((0, "pinned cpu0"), (None, "unpinned")):
             loop, exerciser = alternate(
                 runs,

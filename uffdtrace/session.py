@@ -173,7 +173,7 @@ class _Backlog:
     def take(self, timeout_s: float) -> np.ndarray | None:
         """Everything drained so far, in order, as one batch; waits up to timeout_s for any."""
         try:
-            batches = [self._batches.get(timeout=timeout_s) if timeout_s else self._batches.get_nowait()]
+            batches = [self._batches.get(timeout=timeout_s)]
         except queue.Empty:
             return None
         while True:
