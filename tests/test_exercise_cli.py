@@ -51,7 +51,8 @@ def test_json_and_csv(tmp_path):
     assert summary["rate_per_s"] > 0
     f = pd.read_csv(faults)
     assert list(f.columns) == ["tid", "thread", "addr", "page", "write", "start_ns", "end_ns",
-                               "stall_ns", "msg_ns", "handler_tid", "flags"]
+                               "stall_ns", "msg_ns", "handler_tid", "flags", "ptid"]
+    assert (f["ptid"] == f["tid"]).all()
     assert len(f) == 300 and sorted(f["page"]) == list(range(300))
     assert f["stall_ns"].median() == pytest.approx(summary["p50_ns"], abs=1)
     o = pd.read_csv(ops)
@@ -69,6 +70,9 @@ def test_human_summary_and_help():
     helped = uffdtrace("exercise", "--help")
     assert helped.returncode == 0 and "examples:" in helped.stdout
     assert "--pid-file" in helped.stdout and "--misuse" in helped.stdout
+    for option in ("--no-thread-id", "--continue-twice", "--reuse-fd", "{shmem,hugetlb,anon}",
+                   "UFFD_FEATURE_THREAD_ID", "EEXIST", "same fd number", "mode missing only"):
+        assert option in helped.stdout, option
 
 
 def test_pid_file_and_delay_let_a_tracer_attach(tmp_path):
@@ -136,6 +140,12 @@ def test_signal_cleans_up(tmp_path, sig, status):
         (["--misuse", "copy-everything"], "unknown misuse"),
         (["--write-fraction", "2"], "write fraction must be between 0 and 1"),
         (["--csv", "/nonexistent/dir/faults.csv"], "cannot write /nonexistent/dir/faults.csv"),
+        (["--backing", "anon", "--mode", "minor"], "backing anon supports mode missing only"),
+        (["--continue-twice", "--mode", "missing"], "needs mode minor and policy continue or copy"),
+        (["--continue-twice", "--policy", "batch"], "needs mode minor and policy continue or copy"),
+        (["--no-thread-id", "--pattern", "zipf", "--threads", "2"], "without thread ids"),
+        (["--backing", "hugetlb", "--mode", "missing", "--zeropage-fraction", "0.5"],
+         "hugetlb has no UFFDIO_ZEROPAGE"),
     ],
 )
 def test_bad_input_is_one_line(args, message):
@@ -160,3 +170,59 @@ def test_shmem_needs_no_root():
     out = uffdtrace("exercise", "--pages", "50", "--json", user=NOBODY)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["faults"] == 50
+
+
+def test_continue_twice_in_the_ops_csv(tmp_path):
+    ops = tmp_path / "ops.csv"
+    out = uffdtrace("exercise", "--pages", "64", "--continue-twice", "--handler", "process",
+                    "--json", "--ops-csv", str(ops))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    o = pd.read_csv(ops)
+    assert len(o) == 128 and set(o["op"]) == {"continue"}
+    assert (o.groupby("addr").size() == 2).all() and o["addr"].nunique() == 64
+    assert (o["errno"] == 17).sum() == 64
+    assert o.groupby("role")["errno"].agg(set).to_dict() == {"resolve": {0}, "repeat": {17}}
+    assert (o[o["role"] == "repeat"]["mapped"] == -17).all()
+    assert summary["continue_twice"] is True and summary["repeats_eexist"] == 64
+    assert summary["errors_by_errno"] == {"EEXIST": 64} and summary["mismatches"] == 0
+
+
+def test_no_thread_id_counts_every_fault(tmp_path):
+    faults = tmp_path / "faults.csv"
+    out = uffdtrace("exercise", "--pages", "200", "--threads", "4", "--pattern", "random",
+                    "--no-thread-id", "--json", "--csv", str(faults))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["thread_id"] is False and summary["faults"] == summary["touches"] == 200
+    f = pd.read_csv(faults)
+    assert len(f) == 200 and sorted(f["page"]) == list(range(200))
+    assert (f["ptid"] == 0).all() and f["tid"].nunique() == 4 and (f["tid"] > 0).all()
+    assert f["stall_ns"].notna().all() and sorted(f["thread"].unique()) == [0, 1, 2, 3]
+
+
+def test_reuse_fd_in_the_summary():
+    out = uffdtrace("exercise", "--pages", "64", "--handler", "process", "--reuse-fd", "--json")
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["reuse_fd"] is True and s["reuse_fd_verified"] is True
+    assert s["reuse_fd_reads"] == 10 and s["reuse_fd_bytes"] > 0
+    assert s["reuse_fd_pid"] == s["handler_pid"] != s["pid"]
+    assert isinstance(s["reuse_fd_number"], int) and s["reuse_fd_number"] >= 0
+    human = uffdtrace("exercise", "--pages", "64", "--reuse-fd")
+    assert human.returncode == 0, human.stderr
+    assert "reused by pid" in human.stdout and "10 reads" in human.stdout
+
+
+def test_anon_backing(tmp_path):
+    ops = tmp_path / "ops.csv"
+    out = uffdtrace("exercise", "--backing", "anon", "--pages", "128", "--zeropage-fraction",
+                    "0.25", "--write-fraction", "0.5", "--json", "--ops-csv", str(ops))
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["backing"] == "anon" and s["mode"] == "missing" and s["faults"] == 128
+    assert s["mismatches"] == 0 and s["pages_verified"] == 128 and s["errors"] == 0
+    o = pd.read_csv(ops)
+    counts = o["op"].value_counts().to_dict()
+    assert counts == s["ioctls"] and counts["copy"] + counts["zeropage"] == 128
+    assert counts["zeropage"] > 0 and counts["copy"] > 0

@@ -25,7 +25,7 @@ from uffdtrace.exerciser.hugepages import available_hugepages, nr_hugepages
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-PAGES = {"shmem": 128, "hugetlb": 8}
+PAGES = {"shmem": 128, "hugetlb": 8, "anon": 128}
 FLAG_WRITE, FLAG_MINOR = 1, 4
 
 
@@ -61,6 +61,7 @@ def test_each_page_faults_once_and_is_resolved(backing, mode):
     assert ((f["start_ns"] < f["msg_ns"]) & (f["msg_ns"] < f["end_ns"])).all()
     assert (f["stall_ns"] == f["end_ns"] - f["start_ns"]).all()
     assert set(f["tid"]) == set(t["tid"]) and not set(f["tid"]) & set(f["handler_tid"])
+    assert (f["ptid"] == f["tid"]).all()  # UFFD_FEATURE_THREAD_ID by default
     assert res.pid == res.handler_pid == os.getpid()
 
     assert len(ops) == pages
@@ -131,12 +132,13 @@ def test_batch_policy_wakes_once_per_round():
         assert covering["len"].iloc[0] % ps == 0
 
 
-@pytest.mark.parametrize("handler", ["thread", "process"])
-def test_prefetch_race_eexist_then_wake(handler):
+@pytest.mark.parametrize(("handler", "backing"),
+                         [("thread", "shmem"), ("process", "shmem"), ("thread", "anon")])
+def test_prefetch_race_eexist_then_wake(handler, backing):
     # A slow demand handler (200 ms fetch) against a paced prefetcher that sweeps all pages
     # in well under that: whenever a fault is pending, the prefetcher maps its page first.
-    res = run(ExerciseConfig(pages=500, pattern="random", policy="prefetch", handler=handler,
-                             fetch_delay_us=200_000, prefetch_interval_us=20))
+    res = run(ExerciseConfig(backing=backing, pages=500, pattern="random", policy="prefetch",
+                             handler=handler, fetch_delay_us=200_000, prefetch_interval_us=20))
     assert_sound(res)
     ops = res.ops
     pre = ops[ops["role"] == "prefetch"]
@@ -153,8 +155,12 @@ def test_prefetch_race_eexist_then_wake(handler):
     assert res.summary["errors_by_errno"] == {"EEXIST": len(lost)}
 
 
-@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
-@pytest.mark.parametrize("misuse", ["continue-on-missing", "copy-on-minor", "zeropage-on-minor"])
+@pytest.mark.parametrize(
+    ("backing", "misuse"),
+    [(backing, misuse) for backing in ("shmem", "hugetlb")
+     for misuse in ("continue-on-missing", "copy-on-minor", "zeropage-on-minor")]
+    + [("anon", "continue-on-missing")],
+)
 def test_misuse_errno(backing, misuse):
     res = run(ExerciseConfig(backing=backing, pages=PAGES[backing] // 2, misuse=misuse))
     assert_sound(res)
@@ -193,7 +199,8 @@ def test_zipf_threads_share_a_hot_set():
     assert set(res.faults["page"]) == set(t["page"])
 
 
-@pytest.mark.parametrize(("backing", "mode"), [("shmem", "minor"), ("hugetlb", "missing")])
+@pytest.mark.parametrize(("backing", "mode"),
+                         [("shmem", "minor"), ("hugetlb", "missing"), ("anon", "missing")])
 def test_verification_catches_a_corrupted_page(backing, mode):
     res = run(ExerciseConfig(backing=backing, mode=mode, pages=PAGES[backing], corrupt_page=3))
     assert res.summary["pages_verified"] == PAGES[backing]
@@ -325,9 +332,184 @@ def test_hung_handler_thread_times_out():
         ({"cpus": [4096]}, "CPU 4096 is not available"),
         ({"pages": 1 << 30}, "beyond the memory available"),
         ({"backing": "hugetlb", "pages": 1 << 20}, "MiB is available"),
+        ({"backing": "anon", "mode": "minor"}, "backing anon supports mode missing only"),
+        ({"backing": "hugetlb", "mode": "missing", "zeropage_fraction": 0.5},
+         "hugetlb has no UFFDIO_ZEROPAGE"),
+        ({"backing": "anon", "policy": "copy"}, "policy copy .* needs mode minor"),
+        ({"continue_twice": True, "mode": "missing"}, "continue twice .* needs mode minor"),
+        ({"continue_twice": True, "backing": "anon"}, "continue twice .* needs mode minor"),
+        ({"continue_twice": True, "policy": "batch"}, "policy continue or copy"),
+        ({"continue_twice": True, "policy": "prefetch"}, "policy continue or copy"),
+        ({"thread_id": False, "pattern": "zipf", "threads": 2}, "without thread ids"),
+        ({"thread_id": 0}, "thread id must be True or False"),
+        ({"reuse_fd": "yes"}, "reuse fd must be True or False"),
     ],
 )
 def test_bad_config_is_one_clear_line(changes, message):
     with pytest.raises(UserError, match=message) as info:
         run(ExerciseConfig(**changes))
     assert "\n" not in str(info.value)
+
+
+# --- handlers as others write them: no thread ids, CONTINUE twice, fd reuse, anon memory ---
+
+
+@pytest.mark.parametrize(("backing", "handler"),
+                         [("shmem", "thread"), ("shmem", "process"), ("hugetlb", "process")])
+def test_no_thread_id_faults_still_known_by_thread(backing, handler):
+    """Without UFFD_FEATURE_THREAD_ID every message's ptid is 0; each fault is still joined to
+    the thread whose touch made it, and its timing is that touch's."""
+    pages = PAGES[backing]
+    res = run(ExerciseConfig(backing=backing, pages=pages, threads=4 if pages >= 4 else 1,
+                             handler_threads=2, handler=handler, pattern="random",
+                             write_fraction=0.5, thread_id=False))
+    assert_sound(res)
+    f, t = res.faults, res.touches
+    assert res.summary["thread_id"] is False
+    assert (f["ptid"] == 0).all(), "the kernel sent thread ids that were not asked for"
+    assert res.summary["faults"] == len(f) == pages and sorted(f["page"]) == list(range(pages))
+    assert f[["tid", "thread", "start_ns", "end_ns"]].notna().all().all()
+    joined = f.merge(t, on="page", suffixes=("", "_t"), validate="one_to_one")
+    assert (joined["tid"] == joined["tid_t"]).all() and (joined["thread"] == joined["thread_t"]).all()
+    assert (joined["start_ns"] == joined["start_ns_t"]).all()
+    # The message belongs to that touch: read while it was blocked, with its access kind.
+    assert ((f["start_ns"] < f["msg_ns"]) & (f["msg_ns"] < f["end_ns"])).all()
+    assert (f["write"] == ((f["flags"] & FLAG_WRITE) != 0)).all()
+    assert f["tid"].nunique() == t["tid"].nunique() == res.config.threads
+    assert (res.ops["errno"] == 0).all() and len(res.ops) == pages
+
+
+@pytest.mark.parametrize(("backing", "policy", "handler"),
+                         [("shmem", "continue", "thread"), ("hugetlb", "continue", "process"),
+                          ("shmem", "copy", "process")])
+def test_continue_twice_records_both_ioctls(backing, policy, handler):
+    pages = PAGES[backing]
+    res = run(ExerciseConfig(backing=backing, pages=pages, policy=policy, handler=handler,
+                             stale_fraction=0.5 if policy == "copy" else 0.0,
+                             continue_twice=True))
+    assert_sound(res)
+    ops = res.ops
+    assert set(ops["op"]) == {"continue"} and len(ops) == 2 * pages == 2 * len(res.faults)
+    first, again = ops[ops["role"] == "resolve"], ops[ops["role"] == "repeat"]
+    assert len(first) == len(again) == pages
+    assert (first["errno"] == 0).all() and (first["mapped"] == res.page_size).all()
+    assert (again["errno"] == errno.EEXIST).all() and (again["mapped"] == -errno.EEXIST).all()
+    assert (ops.groupby("addr").size() == 2).all()
+    pair = first.merge(again, on="addr", suffixes=("", "_again"), validate="one_to_one")
+    assert (pair["end_ns"] <= pair["start_ns_again"]).all()
+    assert (pair["handler_tid"] == pair["handler_tid_again"]).all()
+    assert (pair["len"] == pair["len_again"]).all()
+    s = res.summary
+    assert s["repeats"] == s["repeats_eexist"] == pages
+    assert s["errors_by_errno"] == {"EEXIST": pages} and s["ioctls"] == {"continue": 2 * pages}
+
+
+def test_continue_twice_repeats_only_what_it_mapped():
+    """Several threads fault on shared pages: a message whose CONTINUE found the page already
+    mapped is answered by EEXIST + WAKE, with no repeat; each successful CONTINUE has one."""
+    res = run(ExerciseConfig(pages=400, threads=4, handler_threads=2, pattern="zipf",
+                             continue_twice=True))
+    assert_sound(res)
+    ops = res.ops
+    conts = ops[ops["op"] == "continue"]
+    mapped = conts[(conts["role"] == "resolve") & (conts["errno"] == 0)]
+    lost = conts[(conts["role"] == "resolve") & (conts["errno"] == errno.EEXIST)]
+    again = conts[conts["role"] == "repeat"]
+    assert len(mapped) == res.touches["page"].nunique() == len(again)
+    assert sorted(mapped["addr"]) == sorted(again["addr"])
+    assert len(mapped) + len(lost) == len(res.faults)
+    assert (again["errno"] == errno.EEXIST).all()
+    assert (ops["role"] == "eexist-wake").sum() == len(lost)
+
+
+def _uffd_fds(pid: int) -> list[int]:
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == "anon_inode:[userfaultfd]":
+                found.append(int(fd.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("handler", ["thread", "process"])
+def test_reuse_fd_reopens_the_uffd_number(handler):
+    """At the end the holder of the uffd closes it, gets /proc/meminfo at the same number and
+    reads it; the number is the one /proc showed for the uffd during the run."""
+    thread, out = _run_in_background(ExerciseConfig(pages=64, handler=handler, reuse_fd=True,
+                                                    delay_s=0.3))
+    holder = (next(iter(_wait_for(lambda: handler_processes(os.getpid()))))
+              if handler == "process" else os.getpid())
+    uffd = _wait_for(lambda: _uffd_fds(holder))
+    thread.join(30)
+    assert "result" in out, out
+    res = out["result"]
+    assert_sound(res)
+    s = res.summary
+    assert len(uffd) == 1 and s["reuse_fd_number"] == uffd[0]
+    assert s["reuse_fd_pid"] == res.handler_pid == holder
+    assert s["reuse_fd_verified"] is True
+    assert s["reuse_fd_reads"] == 10 and s["reuse_fd_bytes"] > 10 * 100
+    # After every fault was resolved and before the run returned.
+    assert s["reuse_fd_start_ns"] > res.touches["end_ns"].max()
+    assert s["reuse_fd_start_ns"] < s["reuse_fd_end_ns"] < time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    if handler == "process":
+        assert s["reuse_fd_moved"] is False  # open() took the lowest free number: the uffd's
+    assert not _uffd_fds(os.getpid())
+
+
+def test_reuse_fd_moves_the_file_onto_the_number():
+    """A lower fd freed during the run: open() lands there, and the file is moved onto the
+    uffd's number (F_DUPFD_CLOEXEC), leaving the lower one free again."""
+    hole = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        thread, out = _run_in_background(ExerciseConfig(pages=32, reuse_fd=True, delay_s=0.3))
+        uffd = _wait_for(lambda: _uffd_fds(os.getpid()))
+    finally:
+        os.close(hole)
+    thread.join(30)
+    assert "result" in out, out
+    s = out["result"].summary
+    assert hole < uffd[0] == s["reuse_fd_number"]
+    assert s["reuse_fd_moved"] is True and s["reuse_fd_verified"] is True
+    assert s["reuse_fd_reads"] == 10
+
+
+@pytest.mark.parametrize("handler", ["thread", "process"])
+def test_anon_missing_copy_and_zeropage(handler):
+    """Private anonymous memory, no second mapping: missing faults, each page resolved by one
+    COPY (from a private buffer holding its bytes) or ZEROPAGE, and every page verified."""
+    pages = PAGES["anon"]
+    res = run(ExerciseConfig(backing="anon", pages=pages, threads=2, handler=handler,
+                             write_fraction=0.5, zeropage_fraction=0.3, pattern="random"))
+    assert_sound(res)  # the verifier expects the COPY bytes, and zeros after ZEROPAGE
+    f, ops = res.faults, res.ops
+    assert res.summary["mode"] == "missing" and res.summary["backing"] == "anon"
+    assert res.page_size == os.sysconf("SC_PAGE_SIZE")
+    assert sorted(f["page"]) == list(range(pages)) and ((f["flags"] & FLAG_MINOR) == 0).all()
+    assert (f["write"] == ((f["flags"] & FLAG_WRITE) != 0)).all()
+    assert (ops["role"] == "resolve").all() and (ops["errno"] == 0).all()
+    assert (ops["mapped"] == res.page_size).all()
+    counts = ops["op"].value_counts().to_dict()
+    assert counts["copy"] > 0 and counts["zeropage"] > 0
+    assert counts["copy"] + counts["zeropage"] == pages == ops["addr"].nunique()
+    assert res.summary["ioctls"] == counts
+
+
+def test_anon_corruption_is_caught_where_zeropage_was_used():
+    # ZEROPAGE'd pages must read as zeros: a damaged one is a mismatch like any other.
+    res = run(ExerciseConfig(backing="anon", pages=64, zeropage_fraction=1.0, corrupt_page=5))
+    assert set(res.ops["op"]) == {"zeropage"}
+    assert res.summary["mismatches"] == 1 and res.summary["first_mismatch"] == 5
+
+
+def test_all_new_options_at_once_on_hugetlb():
+    """The options compose, and the hugepages are still given back (no_leaks)."""
+    res = run(ExerciseConfig(backing="hugetlb", pages=4, handler="process", thread_id=False,
+                             continue_twice=True, reuse_fd=True))
+    assert_sound(res)
+    s = res.summary
+    assert s["faults"] == 4 and s["repeats_eexist"] == 4 and s["ioctls"] == {"continue": 8}
+    assert (res.faults["ptid"] == 0).all() and s["reuse_fd_verified"] is True
+    assert s["reuse_fd_pid"] == res.handler_pid != res.pid

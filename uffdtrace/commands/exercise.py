@@ -4,7 +4,9 @@ One memfd (shmem, or hugetlb with 2 MiB pages) is mapped twice. In minor mode ev
 populated through the plain mapping and the other mapping is registered with
 UFFDIO_REGISTER_MODE_MINOR; faulting threads then first-touch its pages and handler threads
 resolve each fault with UFFDIO_CONTINUE (or as the policy says). In missing mode faults are
-resolved with UFFDIO_COPY. Afterwards every page is read back and checked.
+resolved with UFFDIO_COPY. Anon backing is one private anonymous mapping (missing mode only,
+as QEMU's default guest RAM), filled by UFFDIO_COPY from a private buffer. Afterwards every
+page is read back and checked.
 """
 
 from __future__ import annotations
@@ -44,11 +46,17 @@ examples:
   uffdtrace exercise --handler process                handler in another process, given
                                                       the uffd over a unix socket (a VMM)
   uffdtrace exercise --policy copy --stale-fraction 0.2   refresh 20% of pages first
-  uffdtrace exercise --policy prefetch --pattern random --prefetch-interval-us 20 \
+  uffdtrace exercise --policy prefetch --pattern random --prefetch-interval-us 20 \\
                      --fetch-delay-us 100000
         a paced prefetcher maps pages in order while slow (100 ms) demand fetches race it:
         a race the handler lost shows as CONTINUE failing with EEXIST, then UFFDIO_WAKE
   uffdtrace exercise --mode missing --misuse continue-on-missing   provoke and report errno
+  uffdtrace exercise --backing anon --zeropage-fraction 0.2   private anonymous memory (as
+                                                      QEMU's guest RAM): COPY, 20% ZEROPAGE
+  uffdtrace exercise --continue-twice --no-thread-id  as the kernel's selftests: CONTINUE
+                                                      again (EEXIST), messages without ptid
+  uffdtrace exercise --handler process --reuse-fd     at the end the handler process closes
+                                                      the uffd and reads a file at its fd number
   uffdtrace exercise --csv faults.csv --ops-csv ops.csv            per-fault ground truth
   uffdtrace exercise --pid-file /tmp/ex.pid --delay-s 5 --pages 100000
         then, in another terminal, attach a tracer with -p "$(cat /tmp/ex.pid)"
@@ -76,9 +84,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload options, shared with commands that run the exerciser (demo)."""
     g = parser.add_argument_group("workload")
     g.add_argument("--backing", default="shmem", metavar="{" + ",".join(BACKINGS) + "}",
-                   help="memory behind the faults (default shmem)")
+                   help="memory behind the faults (default shmem; anon: private anonymous "
+                        "memory, mode missing only)")
     g.add_argument("--mode", metavar="{" + ",".join(MODES) + "}",
-                   help="fault kind (default minor; missing for --misuse continue-on-missing)")
+                   help="fault kind (default minor; missing on anon and for --misuse "
+                        "continue-on-missing)")
     g.add_argument("--pages", type=int, default=1000, help="pages to fault (default 1000)")
     g.add_argument("--threads", type=int, default=1, help="faulting threads (default 1)")
     g.add_argument("--handler-threads", type=int, default=1, metavar="N",
@@ -94,13 +104,23 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stale-fraction", type=float, default=0.0, metavar="F",
                    help="policy copy: share of pages refreshed before CONTINUE")
     g.add_argument("--zeropage-fraction", type=float, default=0.0, metavar="F",
-                   help="mode missing on shmem: share of pages resolved with ZEROPAGE")
+                   help="mode missing on shmem or anon: share of pages resolved with ZEROPAGE")
     g.add_argument("--fetch-delay-us", type=float, default=0.0, metavar="US",
                    help="demand handler waits US µs before resolving (a page fetch)")
     g.add_argument("--prefetch-interval-us", type=float, default=0.0, metavar="US",
                    help="policy prefetch: pause US µs before each prefetched page")
     g.add_argument("--misuse", metavar="{" + ",".join(MISUSES) + "}",
                    help="make a wrong ioctl first on every fault and report its errno")
+    g.add_argument("--no-thread-id", dest="thread_id", action="store_false",
+                   help="do not request UFFD_FEATURE_THREAD_ID: messages carry ptid 0 (the "
+                        "ground truth still knows each fault's thread, from its touches)")
+    g.add_argument("--continue-twice", action="store_true",
+                   help="mode minor, policy continue or copy: after each resolving CONTINUE, "
+                        "issue it again, as the kernel's selftests do; it fails with EEXIST "
+                        "and wakes no one (role repeat in --ops-csv)")
+    g.add_argument("--reuse-fd", action="store_true",
+                   help="at the end, close the uffd, open /proc/meminfo at the same fd number "
+                        "and read it 10 times (in the handler process with --handler process)")
     g.add_argument("--cpus", type=_cpu_list, metavar="LIST",
                    help="pin workload threads and the handler process to these CPUs, e.g. 0,1")
     g.add_argument("--seed", type=int, default=1, help="seed of the access pattern (default 1)")
@@ -130,6 +150,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> ExerciseConf
         "stale_fraction": args.stale_fraction, "zeropage_fraction": args.zeropage_fraction,
         "fetch_delay_us": args.fetch_delay_us, "prefetch_interval_us": args.prefetch_interval_us,
         "misuse": args.misuse, "cpus": args.cpus, "seed": args.seed,
+        "thread_id": args.thread_id, "continue_twice": args.continue_twice,
+        "reuse_fd": args.reuse_fd,
     }
     return ExerciseConfig(**{**values, **overrides})
 
@@ -196,6 +218,13 @@ def format_summary(s: dict[str, Any]) -> str:
         extras.append(f"prefetched {s['prefetched']} pages, {s['eexist_wakes']} EEXIST+WAKE")
     if s["batch_wakes"]:
         extras.append(f"{s['batch_wakes']} batch WAKEs")
+    if not s["thread_id"]:
+        extras.append("no thread ids (messages' ptid 0)")
+    if s["continue_twice"]:
+        extras.append(f"{s['repeats']} repeated CONTINUEs, {s['repeats_eexist']} EEXIST")
+    if s["reuse_fd"]:
+        extras.append(f"fd {s['reuse_fd_number']} reused by pid {s['reuse_fd_pid']}: "
+                      f"{s['reuse_fd_reads']} reads, {s['reuse_fd_bytes']} bytes")
     if s["overflows"]:
         extras.append(f"{s['overflows']} records LOST (overflow)")
     if extras:

@@ -22,14 +22,15 @@ from uffdtrace.errors import UserError
 from uffdtrace.exerciser._exerciser import ffi, lib
 from uffdtrace.exerciser.hugepages import HUGEPAGE_SIZE, mem_available, reserved_hugepages
 
-BACKINGS = ("shmem", "hugetlb")
+BACKINGS = ("shmem", "hugetlb", "anon")
 MODES = ("minor", "missing")
 HANDLERS = ("thread", "process")
 PATTERNS = ("seq", "random", "zipf")
 POLICIES = ("continue", "copy", "batch", "prefetch")
 MISUSES = ("continue-on-missing", "copy-on-minor", "zeropage-on-minor")
 OPS = ("continue", "copy", "zeropage", "wake")  # index = uffdx_op.op
-ROLES = ("resolve", "prefetch", "misuse", "eexist-wake", "batch-wake")  # index = uffdx_op.role
+# index = uffdx_op.role; "repeat": the resolving CONTINUE issued again (continue_twice)
+ROLES = ("resolve", "prefetch", "misuse", "eexist-wake", "batch-wake", "repeat")
 
 MAX_THREADS = 256
 ZIPF_EXPONENT = 1.0
@@ -40,6 +41,7 @@ UFFD_PAGEFAULT_FLAG_WRITE = 1
 EXPECTED_MISUSE_ERRNO = {
     ("continue-on-missing", "shmem"): errno.EFAULT,
     ("continue-on-missing", "hugetlb"): errno.EFAULT,
+    ("continue-on-missing", "anon"): errno.EINVAL,  # CONTINUE needs a page cache: none on anon
     ("copy-on-minor", "shmem"): errno.EEXIST,
     ("copy-on-minor", "hugetlb"): errno.EEXIST,
     ("zeropage-on-minor", "shmem"): errno.EEXIST,
@@ -51,8 +53,9 @@ EXPECTED_MISUSE_ERRNO = {
 class ExerciseConfig:
     """One workload. `run()` validates it and raises UserError on bad values."""
 
-    backing: str = "shmem"            # shmem | hugetlb (2 MiB pages)
-    mode: str | None = None           # minor | missing; None: missing for continue-on-missing
+    backing: str = "shmem"            # shmem | hugetlb (2 MiB pages) | anon (private, missing only)
+    mode: str | None = None           # minor | missing; None: missing on anon and for
+                                      # continue-on-missing, else minor
     pages: int = 1000
     threads: int = 1                  # faulting threads; each first-touches its share once
     handler_threads: int = 1
@@ -70,6 +73,9 @@ class ExerciseConfig:
     delay_s: float = 0.0              # pause after set-up, before the first touch
     stall_timeout_s: float = 10.0     # no progress for this long = hung handler: abort
     corrupt_page: int | None = None   # test hook: damage this page before verification
+    thread_id: bool = True            # request UFFD_FEATURE_THREAD_ID (False: every ptid is 0)
+    continue_twice: bool = False      # CONTINUE each faulted page again (EEXIST), as selftests do
+    reuse_fd: bool = False            # at the end: close the uffd, open a file at its number, read
 
     @property
     def page_size(self) -> int:
@@ -85,8 +91,16 @@ class ExerciseConfig:
             _choice("misuse", self.misuse, MISUSES)
         mode = self.mode
         if mode is None:
-            mode = "missing" if self.misuse == "continue-on-missing" else "minor"
+            missing = self.backing == "anon" or self.misuse == "continue-on-missing"
+            mode = "missing" if missing else "minor"
         _choice("mode", mode, MODES)
+        for name in ("thread_id", "continue_twice", "reuse_fd"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name.replace('_', ' ')} must be True or False, "
+                                f"not {getattr(self, name)!r}")
+        if self.backing == "anon" and mode != "missing":
+            raise UserError("backing anon supports mode missing only "
+                            "(the kernel has no minor faults on anonymous memory)")
         _int_range("pages", self.pages, 1, 1 << 31)
         _int_range("threads", self.threads, 1, MAX_THREADS)
         _int_range("handler threads", self.handler_threads, 1, MAX_THREADS)
@@ -101,9 +115,16 @@ class ExerciseConfig:
             raise UserError("policy copy refreshes pages before CONTINUE: it needs mode minor")
         if self.stale_fraction and self.policy != "copy":
             raise UserError("stale fraction applies to policy copy only")
-        if self.zeropage_fraction and (mode != "missing" or self.backing != "shmem"):
-            raise UserError("zeropage fraction needs mode missing on shmem "
+        if self.zeropage_fraction and (mode != "missing" or self.backing == "hugetlb"):
+            raise UserError("zeropage fraction needs mode missing on shmem or anon "
                             "(hugetlb has no UFFDIO_ZEROPAGE)")
+        if self.continue_twice and (mode != "minor" or self.policy not in ("continue", "copy")):
+            raise UserError("continue twice repeats the CONTINUE that resolves each fault: it "
+                            "needs mode minor and policy continue or copy")
+        if not self.thread_id and self.pattern == "zipf" and self.threads > 1:
+            raise UserError("without thread ids a fault is known by its page alone: pattern zipf "
+                            "with several threads touches pages from more than one thread "
+                            "(use seq or random)")
         if self.misuse is not None:
             wanted = "missing" if self.misuse == "continue-on-missing" else "minor"
             if mode != wanted:
@@ -272,6 +293,9 @@ def _execute(cfg: ExerciseConfig, plan: _Plan) -> ExerciseResult:
     c.delay_ns = int(cfg.delay_s * 1e9)
     c.stall_timeout_ns = int(cfg.stall_timeout_s * 1e9)
     c.corrupt_page = -1 if cfg.corrupt_page is None else cfg.corrupt_page
+    c.no_thread_id = not cfg.thread_id
+    c.continue_twice = cfg.continue_twice
+    c.reuse_fd = cfg.reuse_fd
 
     res = ffi.new("struct uffdx_result *")
     try:
@@ -300,6 +324,7 @@ def _error(cfg: ExerciseConfig, step: str, err: int) -> UserError:
                                             f"{cfg.pages} pages",
         ("fallocate(memfd)", errno.ENOMEM): f"not enough memory for {cfg.pages} pages",
         ("mmap(memfd)", errno.ENOMEM): f"not enough {cfg.backing} memory for {cfg.pages} pages",
+        ("mmap(anon)", errno.ENOMEM): f"not enough memory for {cfg.pages} pages",
         ("interrupted", errno.EINTR): "interrupted",
     }
     if (step, err) in known:
@@ -339,18 +364,15 @@ def _result(cfg: ExerciseConfig, res: Any) -> ExerciseResult:
         "start_ns": t["start_ns"], "end_ns": t["end_ns"],
     })
     messages = pd.DataFrame({
-        "tid": m["ptid"].astype(np.int64), "addr": m["addr"].astype(np.int64),
+        "ptid": m["ptid"].astype(np.int64), "addr": m["addr"].astype(np.int64),
         "page": ((m["addr"] - res.base) // ps).astype(np.int64),
         "msg_ns": m["msg_ns"], "handler_tid": m["handler_tid"].astype(np.int64),
         "flags": m["flags"].astype(np.int64),
     })
-    faults = messages.merge(
-        touches[["tid", "page", "thread", "write", "start_ns", "end_ns"]],
-        on=["tid", "page"], how="left", validate="many_to_one",
-    )
+    faults = _attribute(cfg, messages, touches)
     faults["stall_ns"] = faults["end_ns"] - faults["start_ns"]
     faults = faults[["tid", "thread", "addr", "page", "write", "start_ns", "end_ns", "stall_ns",
-                     "msg_ns", "handler_tid", "flags"]]
+                     "msg_ns", "handler_tid", "flags", "ptid"]]
     ops = pd.DataFrame({
         "handler_tid": o["handler_tid"].astype(np.int64),
         "op": np.asarray(OPS)[o["op"]], "role": np.asarray(ROLES)[o["role"]],
@@ -370,6 +392,19 @@ def _result(cfg: ExerciseConfig, res: Any) -> ExerciseResult:
     return result
 
 
+def _attribute(cfg: ExerciseConfig, messages: pd.DataFrame, touches: pd.DataFrame) -> pd.DataFrame:
+    """Each message joined to the touch that made it: by (ptid, page) with thread ids, else by
+    page alone, which is exact because validation then allows no page touched by two threads.
+    `tid` always comes from the touch; `ptid` is what the message said (0 without thread ids)."""
+    columns = ["tid", "page", "thread", "write", "start_ns", "end_ns"]
+    if cfg.thread_id:
+        return messages.assign(tid=messages["ptid"]).merge(
+            touches[columns], on=["tid", "page"], how="left", validate="many_to_one")
+    if touches["page"].duplicated().any():
+        raise RuntimeError("without thread ids, a page touched by two threads is ambiguous")
+    return messages.merge(touches[columns], on="page", how="left", validate="many_to_one")
+
+
 def _summary(r: ExerciseResult, res: Any) -> dict[str, Any]:
     cfg = r.config
     stall = r.faults["stall_ns"].dropna().to_numpy(dtype=np.int64)
@@ -386,6 +421,7 @@ def _summary(r: ExerciseResult, res: Any) -> dict[str, Any]:
     return {
         "backing": cfg.backing, "mode": cfg.mode, "policy": cfg.policy, "handler": cfg.handler,
         "pattern": cfg.pattern, "misuse": cfg.misuse,
+        "thread_id": cfg.thread_id, "continue_twice": cfg.continue_twice, "reuse_fd": cfg.reuse_fd,
         "pages": cfg.pages, "page_size": r.page_size, "threads": cfg.threads,
         "handler_threads": cfg.handler_threads, "cpus": cfg.cpus,
         "pid": r.pid, "handler_pid": r.handler_pid,
@@ -400,6 +436,15 @@ def _summary(r: ExerciseResult, res: Any) -> dict[str, Any]:
         "prefetched": int(((roles == "prefetch") & (r.ops["errno"] == 0)).sum()),
         "eexist_wakes": int((roles == "eexist-wake").sum()),
         "batch_wakes": int((roles == "batch-wake").sum()),
+        "repeats": int((roles == "repeat").sum()),
+        "repeats_eexist": int(((roles == "repeat") & (r.ops["errno"] == errno.EEXIST)).sum()),
+        # reuse_fd: the uffd's fd number reopened on an ordinary file, in process reuse_fd_pid
+        "reuse_fd_number": None if res.reuse_fd < 0 else int(res.reuse_fd),
+        "reuse_fd_pid": int(res.reuse_pid) or None,
+        "reuse_fd_verified": bool(res.reuse_verified), "reuse_fd_moved": bool(res.reuse_moved),
+        "reuse_fd_reads": int(res.reuse_reads), "reuse_fd_bytes": int(res.reuse_bytes),
+        "reuse_fd_start_ns": int(res.reuse_start_ns) or None,
+        "reuse_fd_end_ns": int(res.reuse_end_ns) or None,
         "overflows": int(res.overflows),
         "pages_verified": int(res.pages_verified), "mismatches": int(res.mismatches),
         "first_mismatch": None if res.first_mismatch < 0 else int(res.first_mismatch),

@@ -1,15 +1,23 @@
 /* uffdtrace workload exerciser: userfaultfd faulting threads and handlers, with ground truth.
  *
  * One memfd (shmem or 2 MiB hugetlb) is mapped twice: `plain` (never registered; used to
- * populate and refresh contents) and `reg` (registered with the userfaultfd). Faulting
- * threads touch pages of `reg` once each; handler threads (here, or in a forked handler
- * process that receives the uffd over a unix socket) read the fault messages and resolve
- * them with CONTINUE (minor mode) or COPY/ZEROPAGE (missing mode). Every touch, message and
- * ioctl is recorded into preallocated arrays in a MAP_SHARED region, so records made in the
- * handler process reach the caller too. Nothing here aborts: failures are returned as
- * errno + step, and a failing handler unregisters the range so no thread stays blocked.
+ * populate and refresh contents) and `reg` (registered with the userfaultfd). With anon
+ * backing there is only `reg`, private anonymous memory (missing mode: each page's bytes
+ * come from a private COPY source buffer, or ZEROPAGE). Faulting threads touch pages of
+ * `reg` once each; handler threads (here, or in a forked handler process that receives the
+ * uffd over a unix socket) read the fault messages and resolve them with CONTINUE (minor
+ * mode) or COPY/ZEROPAGE (missing mode). Every touch, message and ioctl is recorded into
+ * preallocated arrays in a MAP_SHARED region, so records made in the handler process reach
+ * the caller too. Nothing here aborts: failures are returned as errno + step, and a failing
+ * handler unregisters the range so no thread stays blocked.
+ *
+ * Nothing here relies on the message's ptid (it is 0 when UFFD_FEATURE_THREAD_ID is not
+ * requested): handlers need only the address, and the faulting thread of each message is
+ * known from the touch records.
  */
+#ifndef _GNU_SOURCE  /* cffi's prelude (Python.h) may have defined it */
 #define _GNU_SOURCE
+#endif
 #include "exerciser.h"
 #include "native_util.h"
 
@@ -47,6 +55,9 @@
 #define WATCH_MS 50              /* how often the main thread checks progress */
 #define READY_TIMEOUT_MS 10000   /* handler process set-up */
 #define REAP_TIMEOUT_MS 5000     /* handler process exit after being told to stop */
+#define REUSE_FILE "/proc/meminfo"  /* reuse_fd: the ordinary file put at the uffd's number */
+#define REUSE_READS 10
+#define REUSE_READ_LEN 4096
 
 static const char *const op_names[] = {
     [UFFDX_OP_CONTINUE] = "UFFDIO_CONTINUE",
@@ -68,6 +79,9 @@ struct shared {
     int64_t n_msgs, n_ops, overflows;
     int32_t err;                 /* first failure wins */
     char step[64];
+    /* Written once at the end by whichever process holds the uffd (reuse_fd). */
+    int32_t reuse_fd, reuse_pid, reuse_verified, reuse_moved, reuse_reads;
+    int64_t reuse_bytes, reuse_start_ns, reuse_end_ns;
     /* Written and read per touch by the faulting threads: a cache line of their own. */
     int64_t touched __attribute__((aligned(64)));  /* progress, for the watchdog */
     int32_t abort;               /* faulting threads should stop touching */
@@ -298,6 +312,15 @@ static int handle_fault(struct run *r, int32_t tid, uint64_t addr, bool dontwake
     }
     int op = resolving_op(r, page);
     int err = map_page(r, tid, UFFDX_ROLE_RESOLVE, op, page, dontwake, src);
+    if (err == 0 && op == UFFDX_OP_CONTINUE && c->continue_twice) {
+        /* As the kernel's selftests do: the same CONTINUE again. The page is mapped now, so
+         * it must fail with EEXIST (mapped = -EEXIST) and wake no one. */
+        int again = uffd_ioctl(r, tid, UFFDX_OP_CONTINUE, UFFDX_ROLE_REPEAT, addr, r->ps,
+                               false, NULL);
+        if (again != EEXIST)
+            return again ? fail(r, "UFFDIO_CONTINUE (repeat)", again)
+                         : fail(r, "UFFDIO_CONTINUE (repeat) succeeded, not EEXIST", EPROTO);
+    }
     if (err == EEXIST) {
         /* Someone else (prefetcher, another handler) mapped it first: the faulting thread
          * may still sleep, so wake it - unless a batch WAKE follows anyway. */
@@ -518,7 +541,8 @@ static int region_setup(struct run *r)
 
     /* Fault in the part of the records a run normally fills, so that storing a record
      * does not take a page fault inside the measured round trips. */
-    int64_t used_ops = r->n_touches * (c->misuse == UFFDX_MISUSE_NONE ? 1 : 2) + c->pages;
+    int64_t per_touch = 1 + (c->misuse != UFFDX_MISUSE_NONE) + (c->continue_twice != 0);
+    int64_t used_ops = r->n_touches * per_touch + c->pages;
     memset(r->touches, 0, r->n_touches * sizeof *r->touches);
     memset(r->msgs, 0, r->n_touches * sizeof *r->msgs);
     memset(r->ops, 0, (size_t)(used_ops < r->cap_ops ? used_ops : r->cap_ops) * sizeof *r->ops);
@@ -540,12 +564,28 @@ static char *map_file(struct run *r)
     return NULL;
 }
 
+/* Anon backing: one private anonymous mapping, registered as it is (missing mode only). */
+static int anon_setup(struct run *r)
+{
+    void *p = mmap(NULL, r->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return fail(r, "mmap(anon)", errno);
+    r->reg = p;
+    /* 4 KiB faults only, as QEMU does for postcopy RAM (THP off on the range). A kernel
+     * without THP refuses the advice, and then there is nothing to turn off. */
+    if (madvise(p, r->len, MADV_NOHUGEPAGE) < 0 && errno != EINVAL)
+        return fail(r, "madvise(MADV_NOHUGEPAGE)", errno);
+    return 0;
+}
+
 /* The memfd, its two mappings, and (minor mode) every page populated through `plain`. */
 static int memory_setup(struct run *r)
 {
     const struct uffdx_config *c = r->cfg;
     bool hugetlb = c->backing == UFFDX_HUGETLB;
 
+    if (c->backing == UFFDX_ANON)
+        return anon_setup(r);
     r->memfd = memfd_create(hugetlb ? "uffdx-hugetlb" : "uffdx-shmem",
                             MFD_CLOEXEC | (hugetlb ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
     if (r->memfd < 0)
@@ -577,7 +617,11 @@ static int uffd_setup(struct run *r)
     uint64_t feature = minor ? (hugetlb ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM)
                              : (hugetlb ? UFFD_FEATURE_MISSING_HUGETLBFS
                                         : UFFD_FEATURE_MISSING_SHMEM);
-    struct uffdio_api api = {.api = UFFD_API, .features = feature | UFFD_FEATURE_THREAD_ID};
+    if (c->backing == UFFDX_ANON)
+        feature = 0;  /* missing faults on anonymous memory need no feature */
+    struct uffdio_api api = {
+        .api = UFFD_API, .features = feature | (c->no_thread_id ? 0 : UFFD_FEATURE_THREAD_ID),
+    };
     struct uffdio_register reg = {
         .range = {.start = (uintptr_t)r->reg, .len = r->len},
         .mode = minor ? UFFDIO_REGISTER_MODE_MINOR : UFFDIO_REGISTER_MODE_MISSING,
@@ -615,6 +659,78 @@ static void join_helpers(struct run *r)
     for (int i = 0; i < r->n_helpers; i++)
         pthread_join(r->helpers[i], NULL);
     r->n_helpers = 0;
+}
+
+/* --- reuse_fd ----------------------------------------------------------------------- */
+
+/* Does /proc/self/fd/`fd` point at `target`? */
+static bool fd_is(int fd, const char *target)
+{
+    char link[64], path[PATH_MAX];
+
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n < 0)
+        return false;
+    path[n] = '\0';
+    return strcmp(path, target) == 0;
+}
+
+/* All faults resolved: close the uffd, as a program done with it would, and put an ordinary
+ * file at the same fd number (open() lands there when it is the lowest free number; else
+ * F_DUPFD_CLOEXEC moves it there: like dup2, but it never replaces an fd another thread may
+ * have taken meanwhile, in which case the run fails). Then read() that number REUSE_READS
+ * times: to a tracer that keys on fd numbers, these look like reads of the uffd. */
+static int reuse_fd(struct run *r)
+{
+    struct shared *sh = r->sh;
+    int n = r->uffd, fd;
+    char buf[REUSE_READ_LEN];
+    int64_t bytes = 0;
+    int reads = 0;
+    bool moved = false;
+
+    if (!fd_is(n, "anon_inode:[userfaultfd]"))
+        return fail(r, "reuse fd: /proc/self/fd does not show the uffd", EBADF);
+    int64_t start = now_ns();
+    close(n);  /* the last reference: unregisters the range */
+    r->uffd = -1;
+    fd = open(REUSE_FILE, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(r, "open(" REUSE_FILE ")", errno);
+    if (fd != n) {
+        int dup = fcntl(fd, F_DUPFD_CLOEXEC, n), err = errno;
+        close(fd);
+        if (dup < 0)
+            return fail(r, "fcntl(F_DUPFD_CLOEXEC)", err);
+        if (dup != n) {
+            close(dup);
+            return fail(r, "reuse fd: the uffd's number was taken by another thread", EBUSY);
+        }
+        fd = dup;
+        moved = true;
+    }
+    bool verified = fd_is(fd, REUSE_FILE);
+    for (int i = 0; i < REUSE_READS; i++) {
+        ssize_t got = lseek(fd, 0, SEEK_SET) < 0 ? -1 : read(fd, buf, sizeof buf);
+        if (got < 0) {
+            int err = errno;
+            close(fd);
+            return fail(r, "read(" REUSE_FILE ")", err);
+        }
+        reads++;
+        bytes += got;
+    }
+    close(fd);
+    sh->reuse_end_ns = now_ns();
+    sh->reuse_start_ns = start;
+    sh->reuse_fd = n;
+    sh->reuse_pid = getpid();
+    sh->reuse_verified = verified;
+    sh->reuse_moved = moved;
+    sh->reuse_reads = reads;
+    sh->reuse_bytes = bytes;
+    return verified ? 0 : fail(r, "reuse fd: /proc/self/fd does not show " REUSE_FILE, EBADF);
 }
 
 /* --- the handler process ---------------------------------------------------------- */
@@ -699,6 +815,8 @@ static void __attribute__((noreturn)) handler_process(struct run *r, int sock, p
         _exit(1);  /* exiting closes the uffd: nothing can block on it */
     send(sock, &ready, 1, MSG_NOSIGNAL);
     join_helpers(r);
+    if (r->cfg->reuse_fd && !failed(r))
+        reuse_fd(r);  /* with this process's copy of the uffd, the only one left */
     _exit(failed(r) ? 1 : 0);
 }
 
@@ -900,7 +1018,7 @@ static void verify(struct run *r)
     const struct uffdx_config *c = r->cfg;
 
     if (c->corrupt_page >= 0 && c->corrupt_page < c->pages)
-        r->plain[(size_t)c->corrupt_page * r->ps] ^= 0x5a;
+        (r->plain ? r->plain : r->reg)[(size_t)c->corrupt_page * r->ps] ^= 0x5a;
     r->first_mismatch = -1;
     for (int64_t page = 0; page < c->pages; page++) {
         if (!page_holds(r->reg + (size_t)page * r->ps, page, r->version[page], r->ps)) {
@@ -954,6 +1072,14 @@ static void fill_result(const struct run *r, struct uffdx_result *res)
     res->pages_verified = r->pages_verified;
     res->mismatches = r->mismatches;
     res->first_mismatch = r->first_mismatch;
+    res->reuse_fd = sh->reuse_pid ? sh->reuse_fd : -1;
+    res->reuse_pid = sh->reuse_pid;
+    res->reuse_verified = sh->reuse_verified;
+    res->reuse_moved = sh->reuse_moved;
+    res->reuse_reads = sh->reuse_reads;
+    res->reuse_bytes = sh->reuse_bytes;
+    res->reuse_start_ns = sh->reuse_start_ns;
+    res->reuse_end_ns = sh->reuse_end_ns;
     res->region = r->region;
     res->region_len = r->region_len;
 }
@@ -976,6 +1102,8 @@ int uffdx_run(const struct uffdx_config *cfg, struct uffdx_result *res)
         run_workload(&r);
     stop_touchers(&r);
     stop_handlers(&r);
+    if (cfg->reuse_fd && r.uffd >= 0 && !failed(&r))
+        reuse_fd(&r);  /* handler threads: this process holds the uffd */
     close_fd(&r.uffd);  /* the last reference: unregisters the range */
     if (!failed(&r))
         verify(&r);

@@ -6,7 +6,7 @@
 #pragma once
 #include <stdint.h>
 
-enum { UFFDX_SHMEM = 0, UFFDX_HUGETLB = 1 };
+enum { UFFDX_SHMEM = 0, UFFDX_HUGETLB = 1, UFFDX_ANON = 2 };
 enum { UFFDX_MINOR = 0, UFFDX_MISSING = 1 };
 enum { UFFDX_POLICY_CONTINUE = 0, UFFDX_POLICY_COPY = 1, UFFDX_POLICY_BATCH = 2,
        UFFDX_POLICY_PREFETCH = 3 };
@@ -19,10 +19,14 @@ enum { UFFDX_ROLE_RESOLVE = 0,     /* demand handler resolving a fault message *
        UFFDX_ROLE_PREFETCH = 1,    /* prefetch thread, ahead of the faulting threads */
        UFFDX_ROLE_MISUSE = 2,      /* the deliberately wrong ioctl of a misuse scenario */
        UFFDX_ROLE_EEXIST_WAKE = 3, /* WAKE after the resolving ioctl found the page mapped */
-       UFFDX_ROLE_BATCH_WAKE = 4   /* the one WAKE closing a batch of DONTWAKE ioctls */ };
+       UFFDX_ROLE_BATCH_WAKE = 4,  /* the one WAKE closing a batch of DONTWAKE ioctls */
+       UFFDX_ROLE_REPEAT = 5       /* continue_twice: the resolving CONTINUE issued again */ };
 
 struct uffdx_config {
     int32_t backing, mode, policy, misuse;
+    int32_t no_thread_id;        /* 1: no UFFD_FEATURE_THREAD_ID (every message's ptid is 0) */
+    int32_t continue_twice;      /* after each resolving CONTINUE, the same CONTINUE again */
+    int32_t reuse_fd;            /* at the end: close the uffd, reopen its number on a file */
     int32_t handler_process;     /* 0: handler threads here; 1: in a forked handler process */
     int32_t threads, handler_threads;
     int32_t ncpus;               /* 0: no pinning */
@@ -77,6 +81,16 @@ struct uffdx_result {
     int64_t n_ops, cap_ops;
     int64_t overflows;           /* records dropped for lack of room (never expected) */
     int64_t pages_verified, mismatches, first_mismatch;
+    /* reuse_fd: the uffd's fd number, reopened on an ordinary file and read */
+    int32_t reuse_fd;            /* the number; -1: not done */
+    int32_t reuse_pid;           /* the process that did it (the handler process, if any) */
+    int32_t reuse_verified;      /* /proc/self/fd showed the uffd, then the file, at it */
+    int32_t reuse_moved;         /* open() landed elsewhere: moved there with F_DUPFD */
+    int32_t reuse_reads;         /* read() calls on the file */
+    int32_t reuse_pad;
+    int64_t reuse_bytes;         /* bytes they returned */
+    int64_t reuse_start_ns;      /* just before close(uffd) */
+    int64_t reuse_end_ns;        /* just after close(file) */
     void *region;                /* owner of the arrays above: release with uffdx_free() */
     uint64_t region_len;
 };
