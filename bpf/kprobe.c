@@ -8,8 +8,8 @@
 // hook with no symbol gets no entry point and that part of the record comes from the
 // tracepoints, or stays empty.
 //
-// Only register arguments are read: the headers BCC compiles with may belong to another
-// kernel, so no kernel struct is dereferenced here.
+// Only register arguments are read, and kernel structs only at offsets taken from the running
+// kernel's BTF: the headers BCC compiles with may belong to another kernel.
 
 // Calibration: handle_userfault's reason values seen in process `calibrating[0]`.
 struct reason_key { u64 reason; };
@@ -23,8 +23,8 @@ static __always_inline int uffd_fault(u64 reason) {
     struct fault_state *st = inflight.lookup(&tid);
     if (!is_active(st))
         return 0;
-    st->flags |= F_UFFD;
     st->reason = reason;
+    set_flags(st, F_UFFD);
     int zero = 0;
     u32 *cal = calibrating.lookup(&zero);
     if (cal && *cal == (u32)(id >> 32)) {
@@ -39,16 +39,16 @@ static __always_inline int fault_path(u16 flag) {
     struct fault_state *st = inflight.lookup(&tid);
     // Before handle_userfault only: the handlers' CONTINUE looks pages up through shmem too.
     if (is_active(st) && !(st->flags & F_UFFD))
-        st->flags |= flag;
+        set_flags(st, flag);
     return 0;
 }
 
-// userfaultfd_ioctl(file, cmd, arg)
-static __always_inline int ioctl_enter(u32 cmd, u64 arg) {
+// userfaultfd_ioctl(file, cmd, arg): the file's private_data is the uffd context.
+static __always_inline int ioctl_enter(void *file, u32 cmd, u64 arg) {
     u64 id = bpf_get_current_pid_tgid();
     if (!is_tracked(id >> 32))
         return 0;
-    enter_ioctl((u32)id, cmd, arg);
+    enter_ioctl((u32)id, cmd, arg, read_ptr(file, FILE_PRIVATE_OFF));
     return 0;
 }
 

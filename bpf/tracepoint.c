@@ -2,8 +2,14 @@
 //
 // Loaded by uffdtrace/probes/tracepoint.py, which defines at compile time:
 //   TASK_PID_OFF, TASK_TGID_OFF,  offsets in struct task_struct, read from the running
-//   TASK_STATE_OFF                kernel's BTF (headers here are for another kernel)
+//   TASK_STATE_OFF, TASK_MM_OFF,  kernel's BTF (headers here are for another kernel), and
+//   TASK_FILES_OFF, FILES_FDT_OFF, the offsets on the way from an fd to its userfaultfd
+//   FDT_MAX_FDS_OFF, FDT_FD_OFF,   context (file -> f_op -> read_iter tells a uffd, its
+//   FILE_F_OP_OFF, FILE_PRIVATE_OFF, private_data is the context, ctx->mm the address space
+//   FOPS_READ_ITER_OFF, UCTX_MM_OFF  whose faults it handles)
 //   HUF_START, HUF_END            [start, end) of handle_userfault, from /proc/kallsyms
+//   UWAKE_START, UWAKE_END        [start, end) of userfaultfd_wake_function
+//   UFFD_READ_ITER                address of userfaultfd_read_iter (a uffd file's read_iter)
 //   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
 //   TRACE_ALL                     every process instead of the `tracked` set
 //   FOLLOW_CHILDREN               children of tracked processes become tracked
@@ -28,6 +34,9 @@
 // space collects the rest at the end). A wakeup that lands before T switched out resumes it
 // at once (resume = wake). In FULL_MODE a fault whose message a handler read but that never
 // had to wait (mapped before T slept) is recorded too, without resume.
+//
+// Flags of a thread's state are changed from several CPUs at once (T's own, its waker's, the
+// message reader's), so every change to them is an atomic OR / AND.
 //
 // No per-fault kernel stacks (they cost ~0.7 us each here): one stack is sampled per
 // (process, 2 MiB region), the first time a fault there is seen inside handle_userfault (T
@@ -54,14 +63,17 @@ enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
 #define F_UFFD 1024        // T entered handle_userfault (KPROBE_BACKEND); reason in `reason`
 #define F_HUGETLB 2048     // T's fault went through hugetlb_fault (KPROBE_BACKEND)
 #define F_SHMEM 4096       // ... through shmem's fault handler (KPROBE_BACKEND)
-#define F_ACTIVE 8192      // the entry holds a fault in flight
+#define F_ACTIVE 8192      // the entry holds a fault in flight (never in a record)
+#define F_BLOCKED_AT_END 16384  // set by user space: T was still asleep in the fault when tracing ended
 // Which in-flight faults are uffd faults, and get a record when they end.
 #ifdef KPROBE_BACKEND
 #define F_RECORDED F_UFFD             // handle_userfault itself says so
 #define F_RECORDED_AT_EXIT F_UFFD
 #else
 #define F_RECORDED (F_WOKEN | F_MSG)  // woken inside the fault, or its message read
-#define F_RECORDED_AT_EXIT (F_RECORDED | F_EXITED)
+// At exit, still inside the fault: it slept in handle_userfault's state, was woken there or
+// had its message read. (A notify alone proves nothing: an ordinary fault may wake a task.)
+#define F_RECORDED_AT_EXIT (F_RECORDED | F_SLEPT)
 #endif
 
 // IOCTL flags (KPROBE_BACKEND): kernel functions the ioctl went through
@@ -83,6 +95,7 @@ struct event {
     u32 peer_pid;    // FAULT: waker; IOCTL/MSG: 0
     u32 peer_tid;
     u32 notify_tid;  // FAULT: task T woke while faulting (its handler)
+    u32 woken;       // IOCTL: faults of traced threads this ioctl woke
     u64 t0;          // FAULT: fault_ns     IOCTL: enter_ns   MSG: msg_ns
     u64 t1;          // FAULT: block_ns     IOCTL: exit_ns
     u64 t2;          // FAULT: wake_ns      IOCTL: time inside the mcopy/mfill function
@@ -95,6 +108,7 @@ struct event {
     u64 x;           // FAULT: msg flags    IOCTL: mode         MSG: ptid
     s64 ret;         // FAULT: msg reader tid  IOCTL: return value
     s64 mapped;      // IOCTL: mapped / copy / zeropage field  FAULT: handle_userfault's reason
+    u64 mm;          // FAULT: T's address space  IOCTL, MSG: the one the userfaultfd serves
     char comm[16];
 };
 
@@ -104,16 +118,17 @@ struct fault_state {
     u64 regs, ip;  // T's saved user registers and the faulting instruction
     u64 reason;    // handle_userfault's reason (KPROBE_BACKEND)
     u64 sampled;   // 1 + the last 2 MiB region of T's seen in `regions` (kept across faults)
+    u64 mm;        // T's address space
+    u64 flags;     // F_*, changed with atomics only (several CPUs write them)
     u32 tgid, waker_pid, waker_tid, notify_tid, notify_tgid, msg_tid;
-    u16 flags;
     u8 ioctl_nr;
     char comm[16];
 };
 
 struct ioctl_state {
-    u64 enter_ns, arg, start, len, mode;
+    u64 enter_ns, arg, start, len, mode, mm;
     u64 mfill_enter_ns, mfill_ns, install_enter_ns, install_ns;  // KPROBE_BACKEND
-    u32 cmd;
+    u32 cmd, woken;
     u16 flags;
     u8 install_depth;
 };
@@ -182,6 +197,46 @@ static __always_inline bool is_active(struct fault_state *st) {
     return st && (st->flags & F_ACTIVE);
 }
 
+static __always_inline void set_flags(struct fault_state *st, u64 f) {
+    __sync_fetch_and_or(&st->flags, f);
+}
+
+static __always_inline void clear_flags(struct fault_state *st, u64 f) {
+    __sync_fetch_and_and(&st->flags, ~f);
+}
+
+static __always_inline u64 read_ptr(void *base, int off) {
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
+    return v;
+}
+
+// The address space a userfaultfd context serves.
+static __always_inline u64 uffd_mm(u64 ctx) {
+    return ctx ? read_ptr((void *)ctx, UCTX_MM_OFF) : 0;
+}
+
+// The userfaultfd context behind the current task's fd, or 0 when fd is not a userfaultfd:
+// asked of the kernel at each use, so closed, reused, dup'ed, inherited and received fds are
+// all seen as they are now.
+static __always_inline u64 uffd_of_fd(u32 fd) {
+    void *task = (void *)bpf_get_current_task();
+    void *fdt = (void *)read_ptr((void *)read_ptr(task, TASK_FILES_OFF), FILES_FDT_OFF);
+    if (!fdt)
+        return 0;
+    u32 max_fds = 0;
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), (char *)fdt + FDT_MAX_FDS_OFF);
+    if (fd >= max_fds)
+        return 0;
+    void *file = (void *)read_ptr((void *)read_ptr(fdt, FDT_FD_OFF), fd * 8);
+    if (!file)
+        return 0;
+    u64 fops = read_ptr(file, FILE_F_OP_OFF);
+    if (!fops || read_ptr((void *)fops, FOPS_READ_ITER_OFF) != UFFD_READ_ITER)
+        return 0;
+    return read_ptr(file, FILE_PRIVATE_OFF);
+}
+
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning);
 
 // page fault in user mode: (unsigned long address, struct pt_regs *regs, unsigned long error_code)
@@ -203,6 +258,7 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
     st.error_code = ctx->args[2];
     st.regs = ctx->args[1];
     bpf_probe_read_kernel(&st.ip, sizeof(st.ip), &((struct pt_regs *)st.regs)->ip);
+    st.mm = read_ptr((void *)bpf_get_current_task(), TASK_MM_OFF);
     bpf_get_current_comm(&st.comm, sizeof(st.comm));
     if (prev)
         *prev = st;  // in place: no map update on the hot path
@@ -288,6 +344,7 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid,
     e->x = st->msg_flags;
     e->ret = st->msg_tid;
     e->mapped = st->reason;
+    e->mm = st->mm;
     __builtin_memcpy(e->comm, st->comm, sizeof(e->comm));
     end_stall(st, returning);
     e->t6 = st->return_ns;
@@ -306,9 +363,9 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
             // The fault has ended (T is off CPU for something else now).
             if (st->flags & F_RECORDED)
                 emit_fault(st, id >> 32, prev_tid, false);
-            st->flags &= ~F_ACTIVE;
+            clear_flags(st, F_ACTIVE);
         } else if (st->flags & F_RESUMED) {
-            st->flags |= F_OFF_AGAIN;  // preempted or asleep again while retrying the fault
+            set_flags(st, F_OFF_AGAIN);  // preempted or asleep again while retrying the fault
 #ifndef KPROBE_BACKEND
             sample_region(ctx, st);  // keeps it only if in handle_userfault
 #endif
@@ -329,14 +386,12 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
 #endif
                 if (!st->block_ns)
                     st->block_ns = bpf_ktime_get_ns();
-                st->flags |= F_BLOCKED;
-                if (slept)
-                    st->flags |= F_SLEPT;
+                set_flags(st, slept ? F_BLOCKED | F_SLEPT : F_BLOCKED);
 #ifndef KPROBE_BACKEND
                 sample_region(ctx, st);
 #endif
             } else if ((ctx->args[3] & 0xff) && !ctx->args[0]) {
-                st->flags |= F_OTHER_SLEEP;
+                set_flags(st, F_OTHER_SLEEP);
             }
         }
     }
@@ -345,17 +400,19 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     st = inflight.lookup(&next_tid);
     if (!is_active(st))
         return 0;
-    st->flags &= ~F_OTHER_SLEEP;
+    if (st->flags & F_OTHER_SLEEP)
+        clear_flags(st, F_OTHER_SLEEP);
     if (!(st->flags & (F_BLOCKED | F_OFF_AGAIN)))
         return 0;
     if (st->flags & F_WOKEN) {
         if (!(st->flags & F_RESUMED) || (st->flags & F_OFF_AGAIN))
             st->resume_ns = bpf_ktime_get_ns();
-        st->flags = (st->flags | F_RESUMED) & ~F_OFF_AGAIN;
+        set_flags(st, F_RESUMED);
+        clear_flags(st, F_OFF_AGAIN);
     } else {
         // Back on the CPU without a wakeup (it had only been preempted): still in the fault,
         // and the next switch-out (its real sleep) marks it blocked again.
-        st->flags &= ~F_BLOCKED;
+        clear_flags(st, F_BLOCKED);
     }
     return 0;
 }
@@ -372,9 +429,34 @@ static __always_inline struct ioctl_state *ioctl_in_flight(u32 tid) {
 }
 #endif
 #ifdef FULL_MODE
-struct read_state { u64 buf, fdkey; u8 known; };
-BPF_HASH(reads, u32, struct read_state, MAX_THREADS);  // tid -> read of a possible uffd
+struct read_state { u64 buf, ctx; };
+BPF_HASH(reads, u32, struct read_state, MAX_THREADS);  // tid -> read of a userfaultfd
 #endif
+
+// Is the current task's kernel stack inside userfaultfd_wake_function (a uffd wakeup:
+// CONTINUE, COPY, WAKE, or the context's release)? A stack costs ~0.7 us: rare paths only.
+static __always_inline bool in_uffd_wake(void *ctx) {
+    u64 stack[8] = {};
+    long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
+    int n = bytes > 0 ? (u64)bytes / 8 : 0;
+    bool found = false;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        found |= i < n && stack[i] >= UWAKE_START && stack[i] < UWAKE_END;
+    return found;
+}
+
+// T, woken before it was seen to switch out: is this the wakeup of its uffd wait? It must be
+// in the fault in handle_userfault's state (try_to_wake_up checked the state just before
+// sched_waking). T may have left that state meanwhile by itself (it found the page mapped by
+// the very ioctl now waking it, and set TASK_RUNNING): then only the waker's stack can tell.
+static __always_inline bool woken_in_uffd_wait(void *ctx, struct task_struct *p,
+                                               struct fault_state *st) {
+    if ((st->flags & F_OTHER_SLEEP) || !still_in_fault(st))
+        return false;
+    u32 state = task_field(p, TASK_STATE_OFF);
+    return state == TASK_INTERRUPTIBLE || (state == 0 && in_uffd_wake(ctx));
+}
 
 // (struct task_struct *p). sched_waking, unlike sched_wakeup, always fires in the waker's
 // context (a remote wakeup completes later, in an IPI on the wakee's CPU).
@@ -389,9 +471,9 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     struct fault_state *me = inflight.lookup(&cur_tid);
     if (is_active(me) && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me) &&
         (task_field(p, TASK_STATE_OFF) & 0xff) == TASK_INTERRUPTIBLE) {
-        me->flags |= F_NOTIFIED;
         me->notify_tid = p_tid;
         me->notify_tgid = task_field(p, TASK_TGID_OFF);
+        set_flags(me, F_NOTIFIED);
 #ifndef KPROBE_BACKEND
         sample_region(ctx, me);  // keeps it only if in handle_userfault
 #endif
@@ -403,20 +485,18 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     // Woken in the fault: after a block we saw, or (no switch-out yet) from handle_userfault's
     // TASK_INTERRUPTIBLE — not out of another kind of wait (a lock or I/O sleeps
     // uninterruptibly; sched_waking fires before the state changes).
-    if (!(st->flags & F_BLOCKED) &&
-        ((st->flags & F_OTHER_SLEEP) || task_field(p, TASK_STATE_OFF) != TASK_INTERRUPTIBLE ||
-         !still_in_fault(st)))
+    if (!(st->flags & F_BLOCKED) && !woken_in_uffd_wait(ctx, p, st))
         return 0;
     u64 now = bpf_ktime_get_ns();
     st->wake_ns = now;
     st->waker_pid = id >> 32;
     st->waker_tid = cur_tid;
-    st->flags |= F_WOKEN;
 #ifdef TRACK_IOCTLS
     struct ioctl_state *io = ioctl_in_flight(cur_tid);
     if (io) {
         st->ioctl_enter_ns = io->enter_ns;
         st->ioctl_nr = io->cmd & 0xff;
+        io->woken++;  // the waker's own state: no other CPU writes it
     }
 #endif
 #ifndef TRACE_ALL
@@ -424,8 +504,10 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 #endif
     if (!(st->flags & F_BLOCKED)) {
         // Resolved before T ever left the CPU: it runs on from here.
-        st->flags |= F_WOKEN_ON_CPU | F_RESUMED;
         st->resume_ns = now;
+        set_flags(st, F_WOKEN | F_WOKEN_ON_CPU | F_RESUMED);
+    } else {
+        set_flags(st, F_WOKEN);
     }
     return 0;
 }
@@ -442,7 +524,7 @@ RAW_TRACEPOINT_PROBE(rseq_update) {
         return 0;
     if (st->flags & F_RECORDED)
         emit_fault(st, id >> 32, tid, true);
-    st->flags &= ~F_ACTIVE;
+    clear_flags(st, F_ACTIVE);
     return 0;
 }
 
@@ -467,10 +549,16 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
     u32 tid = (u32)id;
     struct fault_state *st = inflight.lookup(&tid);
     if (is_active(st)) {
-        if (!(st->flags & F_RESUMED) && (st->flags & (F_BLOCKED | F_NOTIFIED)))
-            st->flags |= F_EXITED;
-        if (st->flags & F_RECORDED_AT_EXIT)
+        // Still inside the fault (it never returned to user space): whatever woke T (a fatal
+        // signal, the process's exit) did not resolve it, even if it ran again.
+        if (still_in_fault(st)) {
+            if (st->flags & F_RECORDED_AT_EXIT) {
+                set_flags(st, F_EXITED);
+                emit_fault(st, id >> 32, tid, false);
+            }
+        } else if (st->flags & F_RECORDED) {
             emit_fault(st, id >> 32, tid, false);
+        }
     }
     inflight.delete(&tid);
 #ifdef TRACK_IOCTLS
@@ -488,9 +576,11 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
 #define NR_COPY 0x03
 #define NR_ZEROPAGE 0x04
 
-// A uffd ioctl entered (cmd, its user argument): remember it until it returns.
-static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg) {
-    struct ioctl_state io = {.enter_ns = bpf_ktime_get_ns(), .cmd = cmd, .arg = arg};
+// A uffd ioctl entered (cmd, its user argument, the uffd's context): remember it until it
+// returns.
+static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg, u64 ctx) {
+    struct ioctl_state io = {.enter_ns = bpf_ktime_get_ns(), .cmd = cmd, .arg = arg,
+                             .mm = uffd_mm(ctx)};
     // Every uffdio_* argument starts with a range {start, len} followed by a mode word,
     // except uffdio_copy {dst, src, len, mode, copy}.
     u64 a[4] = {};
@@ -528,6 +618,7 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
         return;
     e->nr = nr;
     e->flags = io->flags;
+    e->woken = io->woken;
     e->t0 = enter_ns;
     e->t1 = now;
     e->t2 = io->mfill_ns;
@@ -537,6 +628,7 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     e->x = io->mode;
     e->ret = ret;
     e->mapped = mapped;
+    e->mm = io->mm;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
@@ -547,9 +639,6 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
 #define NR_IOCTL 16
 #define UFFD_EVENT_PAGEFAULT 0x12
 #define MAX_MSGS 16
-
-BPF_HASH(uffd_fds, u64, u8, 16384);  // (tgid << 32 | fd) known to be userfaultfds
-
 
 // (struct pt_regs *regs, long id)
 RAW_TRACEPOINT_PROBE(sys_enter) {
@@ -564,53 +653,47 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     u32 tid = (u32)id;
     u64 dx_si_di[3] = {};  // the third, second and first arguments, adjacent in pt_regs
     bpf_probe_read_kernel(dx_si_di, sizeof(dx_si_di), &regs->dx);
-    u64 fdkey = ((u64)tgid << 32) | (u32)dx_si_di[2];
+#ifdef IOCTL_KPROBE  // userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
+    if (nr == NR_IOCTL)
+        return 0;
+#endif
+    if (nr == NR_IOCTL && (((u32)dx_si_di[1] >> 8) & 0xff) != UFFDIO_TYPE)
+        return 0;
+    u64 uffd = uffd_of_fd((u32)dx_si_di[2]);
+    if (!uffd)
+        return 0;
     if (nr == NR_READ) {
-        // Reads of fds not yet known as uffds are checked at exit too: a handler may have
-        // received its uffd over a socket and read it before any ioctl.
-        struct read_state rs = {.buf = dx_si_di[1], .fdkey = fdkey,
-                                .known = uffd_fds.lookup(&fdkey) != NULL};
+        struct read_state rs = {.buf = dx_si_di[1], .ctx = uffd};
         struct read_state *slot = reads.lookup_or_try_init(&tid, &rs);
         if (slot)
             *slot = rs;  // reused in place
         return 0;
     }
-#ifndef IOCTL_KPROBE  // else userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
-    u32 cmd = dx_si_di[1];
-    if (((cmd >> 8) & 0xff) != UFFDIO_TYPE)
-        return 0;
-    u8 one = 1;
-    uffd_fds.lookup_or_try_init(&fdkey, &one);
-    enter_ioctl(tid, cmd, dx_si_di[0]);
+#ifndef IOCTL_KPROBE
+    enter_ioctl(tid, (u32)dx_si_di[1], dx_si_di[0], uffd);
 #endif
     return 0;
 }
 
-// Is this read's first record the uffd_msg of a fault in flight? (page fault event, the
-// faulting thread's id, and its page's address: nothing else looks like that)
-static __always_inline bool looks_like_uffd(u64 buf, long ret) {
-    if (ret <= 0 || ret % 32)
-        return false;
-    u64 m[4] = {};
-    if (bpf_probe_read_user(m, sizeof(m), (void *)buf) || (m[0] & 0xff) != UFFD_EVENT_PAGEFAULT)
-        return false;
-    u32 ptid = (u32)m[3];
-    struct fault_state *st = ptid ? inflight.lookup(&ptid) : NULL;
-    return is_active(st) && ((st->addr & ~0xfffULL) == m[2] || (st->addr & ~0x1fffffULL) == m[2]);
+// Does a fault message's address name st's page? (masked to the base or huge page, or exact
+// with UFFD_FEATURE_EXACT_ADDRESS)
+static __always_inline bool msg_names(struct fault_state *st, u64 addr) {
+    return addr == (st->addr & ~0xfffULL) || addr == (st->addr & ~0x1fffffULL) || addr == st->addr;
 }
 
-// One message of a handler's read: a fault's goes to its in-flight state, anything else
-// (non-fault events, faults of untraced threads) to user space.
-static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 *m) {
+// One message of a handler's read: a fault's goes to its in-flight state when the message
+// names its thread (UFFD_FEATURE_THREAD_ID) and page; anything else (handlers without
+// THREAD_ID, non-fault events, faults of untraced threads) to user space.
+static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 mm, u64 *m) {
     u8 event = m[0] & 0xff;
     u32 ptid = (u32)m[3];
     if (event == UFFD_EVENT_PAGEFAULT && ptid) {
         struct fault_state *st = inflight.lookup(&ptid);
-        if (is_active(st) && !st->msg_ns) {
+        if (is_active(st) && !st->msg_ns && st->mm == mm && msg_names(st, m[2])) {
             st->msg_ns = now;
             st->msg_flags = m[1];
             st->msg_tid = tid;
-            st->flags |= F_MSG;
+            set_flags(st, F_MSG);
             return;
         }
     }
@@ -626,19 +709,21 @@ static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 *m) {
     e->addr = m[2];
     e->len = m[1];
     e->x = ptid;
+    e->mm = mm;
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 // Fully unrolled, without early exits: older verifiers (Linux 6.1) give up on the same code
 // as a loop ("sequence of jumps is too complex").
-static __always_inline void exit_read(u32 tgid, u32 tid, u64 buf, long ret) {
+static __always_inline void exit_read(u32 tgid, u32 tid, struct read_state *rs, long ret) {
     u64 now = bpf_ktime_get_ns();
+    u64 mm = uffd_mm(rs->ctx);
     int n = ret > 0 ? (u64)ret / 32 : 0;
 #pragma unroll
     for (int i = 0; i < MAX_MSGS; i++) {
         u64 m[4] = {};
-        if (i < n && !bpf_probe_read_user(m, sizeof(m), (void *)(buf + 32 * i)))
-            take_msg(tgid, tid, now, m);
+        if (i < n && !bpf_probe_read_user(m, sizeof(m), (void *)(rs->buf + 32 * i)))
+            take_msg(tgid, tid, now, mm, m);
     }
 }
 
@@ -658,15 +743,9 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     }
 #endif
     struct read_state *rs = reads.lookup(&tid);
-    if (rs && rs->fdkey) {
-        if (!rs->known && looks_like_uffd(rs->buf, ret)) {
-            u8 one = 1;
-            uffd_fds.update(&rs->fdkey, &one);
-            rs->known = 1;
-        }
-        if (rs->known)
-            exit_read(tgid, tid, rs->buf, ret);
-        rs->fdkey = 0;
+    if (rs && rs->ctx) {
+        exit_read(tgid, tid, rs, ret);
+        rs->ctx = 0;
     }
     return 0;
 }

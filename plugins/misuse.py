@@ -1,73 +1,111 @@
-"""uffd API misuse and loose ends: failed ioctls with an explanation, and unresolved faults.
+"""uffd API misuse and loose ends: failed ioctls explained, and unresolved faults.
+
+Failed ioctls come from the ioctl records (full mode; `report --ioctls`), each explained by
+what failed and where. Two kinds are told apart:
+  already mapped  EEXIST where the page was mapped already: a repeated or raced CONTINUE,
+                  COPY or ZEROPAGE (the kernel selftests repeat every CONTINUE on purpose; a
+                  prefetcher races demand faults). Harmless: it maps nothing and wakes no one.
+  error           anything else: the ioctl did not do what the handler meant, and a thread
+                  waiting on that page stays blocked until another ioctl resolves it.
 
 Tables:
-  errors      fault_ns, pid, tid, addr, kind, resolver, errno, errno_name, explanation
-              (every fault whose page saw a failed uffd ioctl: errno != 0)
-  unresolved  fault_ns, pid, tid, comm, addr, backing, kind
-              (faults still in flight when their thread exited: outcome == unresolved_exit)
+  errors      enter_ns, pid, tid, comm, ioctl, start, len, errno, errno_name, category,
+              explanation: one row per failed uffd ioctl
+  unresolved  fault_ns, pid, tid, comm, addr, backing, kind, outcome, stall_ns: faults whose
+              thread exited inside them, or that were still blocked when tracing ended
 
-Panel (live viewers): failed uffd ioctls by errno, with unresolved faults as one more row.
+Panel (live viewers): failed ioctls by category and errno, and unresolved faults.
 """
 
 from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pandas as pd
 
 from uffdtrace.plugins import Panel, Plugin, RunContext, Table
 
+REGISTER_MODE_MINOR = 4
 EXPLAIN = {
-    errno.EEXIST: "a page is already mapped there: a MINOR-registered range is resolved with "
-                  "UFFDIO_CONTINUE, not COPY/ZEROPAGE",
-    errno.EINVAL: "UFFDIO_CONTINUE needs a range registered with UFFDIO_REGISTER_MODE_MINOR "
-                  "and page-aligned arguments: this fault is not a minor one",
-    errno.EFAULT: "UFFDIO_CONTINUE found no page in the page cache: not a minor fault "
-                  "(fill the page cache first, or resolve with UFFDIO_COPY)",
+    ("CONTINUE", errno.EEXIST): "CONTINUE on a page that is already mapped (a repeated or "
+                                "raced CONTINUE): it maps and wakes nothing",
+    ("COPY", errno.EEXIST): "COPY onto a page that is already there",
+    ("ZEROPAGE", errno.EEXIST): "ZEROPAGE onto a page that is already there",
+    ("CONTINUE", errno.EINVAL): "CONTINUE needs a range registered with "
+                                "UFFDIO_REGISTER_MODE_MINOR and page-aligned arguments",
+    ("CONTINUE", errno.EFAULT): "CONTINUE found no page in the page cache: not a minor fault "
+                                "(fill the page cache first, or resolve with UFFDIO_COPY)",
+    ("ZEROPAGE", errno.EINVAL): "ZEROPAGE is not supported on this memory (hugetlbfs) or the "
+                                "range is not page-aligned",
+}
+EXPLAIN_ANY = {
+    errno.EINVAL: "invalid arguments for this ioctl, mode or memory",
     errno.EAGAIN: "the mappings changed during the ioctl: retry it",
     errno.ENOENT: "the range is no longer registered (or the mapping went away)",
     errno.ESRCH: "the faulting process is exiting",
     errno.ENOMEM: "the kernel could not allocate memory for the page",
+    errno.EFAULT: "a bad user address in the arguments, or no page to map",
 }
-ERRORS = ["fault_ns", "pid", "tid", "addr", "kind", "resolver", "errno"]
-UNRESOLVED = ["fault_ns", "pid", "tid", "comm", "addr", "backing", "kind"]
+IN_MINOR_RANGE = ("; in a MINOR-registered range the page cache holds the page: resolve "
+                  "with UFFDIO_CONTINUE")
+ERRORS = ["enter_ns", "pid", "tid", "comm", "ioctl", "start", "len", "errno"]
+UNRESOLVED = ["fault_ns", "pid", "tid", "comm", "addr", "backing", "kind", "outcome", "stall_ns"]
 
 
 class MisusePlugin(Plugin):
     name = "misuse"
-    description = "failed uffd ioctls (EEXIST, EINVAL, EFAULT...) explained; unresolved faults"
-    columns = tuple(dict.fromkeys([*ERRORS, *UNRESOLVED, "outcome"]))
+    description = "failed uffd ioctls explained (repeats apart from errors); unresolved faults"
+    columns = tuple(dict.fromkeys(UNRESOLVED))
 
     def start(self, ctx: RunContext) -> None:
         self._errors: list[pd.DataFrame] = []
         self._unresolved: list[pd.DataFrame] = []
+        self._minor_ranges: list[tuple[int, int, int]] = []  # (pid, start, end)
         self.reset()
 
     def reset(self) -> None:
         self._counts: dict[str, int] = {}
 
+    def ioctls(self, df: pd.DataFrame) -> None:
+        registered = df[(df["ioctl"] == "REGISTER") & (df["errno"] == 0)
+                        & ((df["mode"] & REGISTER_MODE_MINOR) != 0)]
+        self._minor_ranges += [(int(p), int(s), int(s + n)) for p, s, n in
+                               zip(registered["pid"], registered["start"], registered["len"], strict=True)]
+        failed = df.loc[df["errno"] != 0, ERRORS].copy()
+        if failed.empty:
+            return
+        failed["category"] = np.where(failed["errno"] == errno.EEXIST, "already mapped", "error")
+        failed["explanation"] = [self._explain(*row) for row in zip(
+            failed["ioctl"], failed["errno"], failed["pid"], failed["start"], strict=True)]
+        self._errors.append(failed)
+        for (category, code), n in failed.groupby(["category", "errno"]).size().items():
+            key = f"{category}: {errno.errorcode.get(int(code), code)}"
+            self._counts[key] = self._counts.get(key, 0) + int(n)
+
+    def _explain(self, ioctl: str, code: int, pid: int, start) -> str:
+        text = EXPLAIN.get((ioctl, code)) or EXPLAIN_ANY.get(code, f"{ioctl} failed")
+        if ioctl in ("COPY", "ZEROPAGE") and code == errno.EEXIST and not pd.isna(start) and any(
+                p == pid and s <= start < e for p, s, e in self._minor_ranges):
+            text += IN_MINOR_RANGE
+        return text
+
     def batch(self, df: pd.DataFrame) -> None:
-        failed = df[df["errno"].fillna(0) != 0]
-        if not failed.empty:
-            self._errors.append(failed[ERRORS])
-            for code, n in failed["errno"].value_counts().items():
-                name = errno.errorcode.get(int(code), f"errno {code}")
-                self._counts[name] = self._counts.get(name, 0) + int(n)
-        unresolved = df[df["outcome"] == "unresolved_exit"]
+        unresolved = df[df["outcome"].isin(["unresolved_exit", "unresolved_end"])]
         if not unresolved.empty:
             self._unresolved.append(unresolved[UNRESOLVED])
-            self._counts["unresolved"] = self._counts.get("unresolved", 0) + len(unresolved)
+            self._counts["unresolved faults"] = self._counts.get("unresolved faults", 0) + len(unresolved)
 
     def panels(self) -> list[Panel]:
         rows = tuple(sorted(self._counts.items()))
-        return [Panel("errors", (Table("errors by errno", ("error", "faults"), rows, sort=1),))]
+        return [Panel("errors", (Table("failed ioctls, unresolved faults", ("what", "count"), rows,
+                                       sort=1),))]
 
     def finish(self) -> dict[str, pd.DataFrame]:
-        errors = pd.concat(self._errors, ignore_index=True) if self._errors else pd.DataFrame(
-            columns=ERRORS)
-        codes = errors["errno"].astype("Int64")
-        errors["errno_name"] = codes.map(lambda e: errno.errorcode.get(e, f"errno {e}"))
-        errors["explanation"] = codes.map(lambda e: EXPLAIN.get(e, "the uffd ioctl failed"))
+        errors = (pd.concat(self._errors, ignore_index=True) if self._errors
+                  else pd.DataFrame(columns=[*ERRORS, "category", "explanation"]))
+        errors.insert(ERRORS.index("errno") + 1, "errno_name", errors["errno"].map(
+            lambda e: errno.errorcode.get(int(e), f"errno {e}")).astype("string"))
         unresolved = (pd.concat(self._unresolved, ignore_index=True) if self._unresolved
                       else pd.DataFrame(columns=UNRESOLVED))
         return {"errors": errors, "unresolved": unresolved}

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from uffdtrace.errors import UserError
-from uffdtrace.events import FAULT_COLUMNS, coerce_faults
+from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
 from uffdtrace.plugins import Plugin, PluginInfo, RunContext, installed, parse_options, resolve
 from uffdtrace.sinks.csv import CsvSink
 from uffdtrace.sinks.plugins import PluginSink, format_tables
@@ -350,20 +350,42 @@ def test_hotpages():
         [1, base, 3, 35], [1, base + (2 << 20), 1, 7], [2, base, 1, 1]]
 
 
+def ioctls(**columns) -> pd.DataFrame:
+    """A batch with IOCTL_COLUMNS: the given columns, the rest <NA>."""
+    n = max(len(v) for v in columns.values() if isinstance(v, list))
+    return coerce_faults(pd.DataFrame({k: v if isinstance(v, list) else [v] * n
+                                       for k, v in columns.items()}), IOCTL_COLUMNS)
+
+
 def test_misuse():
-    df = faults(fault_ns=[1, 2, 3, 4, 5], pid=1, tid=[1, 2, 3, 4, 5], addr=4096,
-                resolver=["COPY", "CONTINUE", "CONTINUE", "CONTINUE", "CONTINUE"],
-                errno=[17, 22, 14, 0, None],
-                outcome=["resolved"] * 4 + ["unresolved_exit"])
-    t = run(MisusePlugin, df)
+    """Failed ioctls from the ioctl records, each explained by (ioctl, errno, context), repeats
+    apart from errors; unresolved faults from the fault rows."""
+    minor, other = 0x10000, 0x90000
+    io = ioctls(enter_ns=[1, 2, 3, 4, 5, 6, 7], pid=1, tid=[1, 2, 3, 4, 5, 6, 7],
+                ioctl=["REGISTER", "CONTINUE", "CONTINUE", "COPY", "COPY", "CONTINUE", "CONTINUE"],
+                start=[minor, minor, minor, minor, other, minor, minor],
+                len=[0x10000, 4096, 4096, 4096, 4096, 4096, 4096],
+                mode=[4, 0, 0, 0, 0, 0, 0], errno=[0, 0, 17, 17, 17, 22, 14])
+    df = faults(fault_ns=[1, 2, 3], pid=1, tid=[1, 2, 3], addr=4096, resolver="CONTINUE",
+                outcome=["resolved", "unresolved_exit", "unresolved_end"])
+    sink = offline(MisusePlugin)
+    sink.write_ioctls(io.iloc[:3])
+    sink.write_ioctls(io.iloc[3:])
+    sink.write(df)
+    sink.close()
+    t = sink.results["misuse"]
     errors = t["errors"]
-    assert errors["tid"].tolist() == [1, 2, 3]
-    assert errors["errno_name"].tolist() == ["EEXIST", "EINVAL", "EFAULT"]
-    assert "UFFDIO_CONTINUE, not COPY/ZEROPAGE" in errors["explanation"][0]
-    assert "UFFDIO_REGISTER_MODE_MINOR" in errors["explanation"][1]
-    assert "not a minor fault" in errors["explanation"][2]
-    assert t["unresolved"]["tid"].tolist() == [5]
-    assert run(MisusePlugin, df.iloc[3:4])["errors"].empty
+    assert errors["tid"].tolist() == [3, 4, 5, 6, 7]
+    assert errors["errno_name"].tolist() == ["EEXIST", "EEXIST", "EEXIST", "EINVAL", "EFAULT"]
+    assert errors["category"].tolist() == ["already mapped"] * 3 + ["error"] * 2
+    explained = errors["explanation"].tolist()
+    assert "already mapped" in explained[0]
+    assert "resolve with UFFDIO_CONTINUE" in explained[1]  # COPY into the MINOR range
+    assert "UFFDIO_CONTINUE" not in explained[2]  # COPY elsewhere: a plain repeat
+    assert "UFFDIO_REGISTER_MODE_MINOR" in explained[3]
+    assert "not a minor fault" in explained[4]
+    assert t["unresolved"]["tid"].tolist() == [2, 3]
+    assert run(MisusePlugin, df.iloc[:1])["errors"].empty
 
 
 def test_timeline():

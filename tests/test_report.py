@@ -14,8 +14,8 @@ import pytest
 
 from uffdtrace.commands.report import read_faults
 from uffdtrace.errors import UserError
-from uffdtrace.events import FAULT_COLUMNS, coerce_faults
-from uffdtrace.sinks.csv import CsvSink
+from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
+from uffdtrace.sinks.csv import CsvSink, IoctlCsvSink
 
 UFFDTRACE = Path(sys.executable).with_name("uffdtrace")
 N = 2000
@@ -59,8 +59,22 @@ def test_read_faults_in_chunks_round_trips(recorded):
     pd.testing.assert_frame_equal(back, synthetic())
 
 
-def test_report_tables_and_out_dir(recorded, tmp_path):
-    out = uffdtrace("report", recorded, "--out", tmp_path / "out", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def recorded_ioctls(tmp_path_factory) -> Path:
+    """The ioctl CSV of the same run: one CONTINUE that failed with EEXIST, one that worked."""
+    path = tmp_path_factory.mktemp("rec") / "ioctls.csv"
+    sink = IoctlCsvSink(path)
+    sink.write_ioctls(coerce_faults(pd.DataFrame({
+        "enter_ns": [10**12, 10**12 + 5], "pid": 100, "tid": 104, "comm": "handler",
+        "ioctl": "CONTINUE", "start": 0x7F0000000000, "len": 4096, "mode": 0,
+        "ret": [-17, 0], "errno": [17, 0], "mapped": [-17, 4096]}), IOCTL_COLUMNS))
+    sink.close()
+    return path
+
+
+def test_report_tables_and_out_dir(recorded, recorded_ioctls, tmp_path):
+    out = uffdtrace("report", recorded, "--ioctls", recorded_ioctls, "--out", tmp_path / "out",
+                    cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{N} faults from {recorded}\n")
     for title in ("latency: percentiles", "blocktime: threads", "hotpages: pages",
@@ -77,6 +91,7 @@ def test_report_tables_and_out_dir(recorded, tmp_path):
     assert pct.loc["stall_ns", "p99_ns"] == int(np.percentile(stall, 99))
     errors = pd.read_csv(tmp_path / "out" / "misuse_errors.csv")
     assert errors["errno_name"].tolist() == ["EEXIST"]
+    assert errors["category"].tolist() == ["already mapped"]
 
 
 def test_report_json_and_csv_formats(recorded, tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from uffdtrace.events import FAULT_COLUMNS
+from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS
 from uffdtrace.exerciser.compare import match_faults
 from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session
@@ -29,12 +29,14 @@ UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 
 
 def record(tmp: Path, mode: str, exercise_args: list[str]) -> tuple:
-    """(recorded CSV, record summary, ground-truth faults, ground-truth ioctls, its summary)"""
+    """(recorded CSV, record summary, ground-truth faults, ground-truth ioctls, its summary);
+    in full mode the recorded ioctls are in tmp/ioctls.csv."""
     rec_csv, gt_csv, ops_csv, gt_json = (tmp / n for n in ("rec.csv", "gt.csv", "ops.csv", "gt.json"))
     workload = shlex.join([*UFFDTRACE, "exercise", *exercise_args, "--csv", str(gt_csv),
                            "--ops-csv", str(ops_csv), "--json"])
+    ioctls = ["--ioctls", str(tmp / "ioctls.csv")] if mode == "full" else []
     out = subprocess.run(
-        [*UFFDTRACE, "record", "--mode", mode, "-o", str(rec_csv), "--json", "--",
+        [*UFFDTRACE, "record", "--mode", mode, "-o", str(rec_csv), *ioctls, "--json", "--",
          "sh", "-c", f"{workload} > {gt_json}"],
         capture_output=True, text=True, timeout=120,
     )
@@ -44,6 +46,38 @@ def record(tmp: Path, mode: str, exercise_args: list[str]) -> tuple:
     rec = pd.read_csv(rec_csv)
     assert list(rec.columns) == list(FAULT_COLUMNS)
     return rec, summary, pd.read_csv(gt_csv), pd.read_csv(ops_csv), json.loads(gt_json.read_text())
+
+
+def check_ioctl_records(path: Path, ops: pd.DataFrame) -> None:
+    """The ioctl CSV holds each of the exerciser's ioctls once: same thread, command, range and
+    errno, entered and left inside the exerciser's own timestamps around the call."""
+    io = pd.read_csv(path)
+    assert list(io.columns) == list(IOCTL_COLUMNS)
+    resolving = io[io["ioctl"].isin(["CONTINUE", "COPY", "ZEROPAGE", "WAKE"])]
+    assert len(resolving) == len(ops)
+    joined = ops.assign(ioctl=ops["op"].str.upper()).merge(
+        resolving, left_on=["handler_tid", "ioctl", "addr"], right_on=["tid", "ioctl", "start"],
+        suffixes=("_gt", ""))
+    joined = joined[(joined["start_ns"] <= joined["enter_ns"]) & (joined["exit_ns"] <= joined["end_ns"])]
+    assert len(joined) == len(ops), "ioctls not recorded as the exerciser made them"
+    assert (joined["errno_gt"] == joined["errno"]).all()
+    assert (joined["duration_ns"] == joined["exit_ns"] - joined["enter_ns"]).all()
+
+
+def check_resolvers(rec: pd.DataFrame, ops: pd.DataFrame) -> None:
+    """Each fault's resolver is an ioctl of the ground truth: the call of the same thread that
+    was under way at cont_enter_ns (a thread makes one call at a time), of the same command,
+    over the fault's address, and successful."""
+    assert rec["resolver"].notna().all(), rec[rec["resolver"].isna()].head().to_string()
+    f = rec.astype({"handler_tid": "int64", "cont_enter_ns": "int64"}).sort_values("cont_enter_ns")
+    calls = ops.assign(op=ops["op"].str.upper()).sort_values("start_ns")
+    joined = pd.merge_asof(f, calls, left_on="cont_enter_ns", right_on="start_ns", by="handler_tid",
+                           suffixes=("", "_op"))
+    right = ((joined["cont_enter_ns"] <= joined["end_ns"]) & (joined["op"] == joined["resolver"])
+             & (joined["addr_op"] <= joined["addr"]) & (joined["addr"] < joined["addr_op"] + joined["len"])
+             & (joined["errno_op"] == 0))
+    wrong = joined[~right]
+    assert wrong.empty, f"{len(wrong)} faults misattributed:\n{wrong.head().to_string()}"
 
 
 PATH_COLUMNS = ["tid", "handler_tid", "resolver", "slept"]
@@ -137,11 +171,12 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
         truth = ops.groupby(["op", "errno"]).size()
         for (op, errno), n in truth.items():
             assert seen.get((op.upper(), errno)) == n, (op, errno, seen)
-        resolved = minor[waited]
-        assert resolved["resolver"].notna().all()
-        assert resolved["handler_tid"].isin(ops["handler_tid"]).all()
+        check_ioctl_records(tmp_path / "ioctls.csv", ops)
+        # Every fault, slept or not, names the ioctl that resolved it, as the exerciser did it.
+        check_resolvers(minor, ops)
         expected_resolvers = {"batch": {"WAKE"}, "prefetch": {"CONTINUE", "WAKE"}}
-        assert set(resolved["resolver"]) <= expected_resolvers.get(policy, {"CONTINUE"})
+        assert set(minor["resolver"]) <= expected_resolvers.get(policy, {"CONTINUE"})
+        assert (minor["errno"] == 0).all()
         assert minor.loc[waited, "continue_ns"].notna().all()
     else:
         for col in ("resolver", "continue_ns", "handler_ns", "errno", "mapped", "msg_ns"):
@@ -162,13 +197,17 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
     ],
 )
 def test_misuse_errnos_in_records(tmp_path, backing, misuse, expected_errno):
+    """Each fault first gets the wrong ioctl (it fails with the seed's errno), then the right
+    one: the fault rows carry the resolving ioctl's errno (0), the ioctl rows the failures."""
     pages = 200 if backing == "shmem" else 16
-    rec, summary, _, _, gt_summary = record(
+    rec, summary, _, ops, gt_summary = record(
         tmp_path, "full", ["--backing", backing, "--pages", str(pages), "--misuse", misuse])
     assert gt_summary["misuse_errno"] == expected_errno
     assert len(rec) == gt_summary["faults"]
-    assert (rec["errno"] == expected_errno).all()
-    assert summary["errnos"] == {str(expected_errno): len(rec)}
+    assert (rec["errno"] == 0).all() and summary["errnos"] == {}
+    check_ioctl_records(tmp_path / "ioctls.csv", ops)
+    failed = pd.read_csv(tmp_path / "ioctls.csv").query("errno != 0")
+    assert len(failed) == len(rec) and (failed["errno"] == expected_errno).all()
     expected_kind = "missing" if misuse == "continue-on-missing" else "minor"
     assert (rec["kind"] == expected_kind).all()
 

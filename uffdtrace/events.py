@@ -1,9 +1,10 @@
-"""The one record type of uffdtrace: a userfaultfd fault, from touch to resume.
+"""The two record types of uffdtrace: a userfaultfd fault, from touch to resume, and a uffd
+ioctl of a traced process.
 
-Records travel in batches as pandas DataFrames with exactly these columns (the CSV of
-`uffdtrace record` has the same columns in this order). Times are CLOCK_MONOTONIC
-nanoseconds, the clock of bpf_ktime_get_ns. Unknown values are missing (<NA>, an empty CSV
-cell), never invented: integer columns use pandas' nullable Int64.
+Records travel in batches as pandas DataFrames with exactly these columns (the CSVs of
+`uffdtrace record`, `-o` and `--ioctls`, have the same columns in this order). Times are
+CLOCK_MONOTONIC nanoseconds, the clock of bpf_ktime_get_ns. Unknown values are missing (<NA>,
+an empty CSV cell), never invented: integer columns use pandas' nullable Int64.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "resolver": ("string", "ioctl that woke the thread: CONTINUE | COPY | ZEROPAGE | WAKE | other"),
     "handler_pid": ("Int64", "process of the thread that resolved the fault"),
     "handler_tid": ("Int64", "thread that resolved the fault"),
-    "errno": ("Int64", "errno of a failed uffd ioctl on this fault's page (0: none failed)"),
+    "errno": ("Int64", "errno of the resolving ioctl (0: it succeeded; empty: no resolving "
+              "ioctl known). Failed ioctls of other faults or repeats are in the ioctl records"),
     "mapped": ("Int64", "bytes the resolving ioctl reported as mapped"),
     "mfill_ns": ("Int64", "time inside the resolving ioctl's mcopy/mfill function, the work "
                  "without argument handling and wakeup (kprobe backend)"),
@@ -43,19 +45,49 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "resume_ns": ("Int64", "instant the thread was on a CPU again"),
     "return_ns": ("Int64", "instant the thread returned to user space, the fault done "
                   "(needs rseq, which glibc registers)"),
-    "outcome": ("string", "resolved | unresolved_exit (thread exited with the fault in flight) "
-                "| no_wait (full mode: resolved before the thread had to sleep; no resume)"),
+    "outcome": ("string", "resolved | no_wait (full mode: resolved before the thread had to "
+                "sleep; no resume) | unresolved_exit (the thread exited inside the fault: killed, "
+                "or its process ended) | unresolved_end (still asleep in the fault when tracing "
+                "ended)"),
+}
+
+# name -> (pandas dtype, meaning): one row per uffd ioctl of a traced process (full mode).
+IOCTL_COLUMNS: dict[str, tuple[str, str]] = {
+    "enter_ns": ("Int64", "instant the ioctl was entered"),
+    "pid": ("Int64", "process of the calling thread"),
+    "tid": ("Int64", "calling thread"),
+    "comm": ("string", "calling thread's name"),
+    "ioctl": ("string", "API | REGISTER | UNREGISTER | COPY | ZEROPAGE | CONTINUE | WAKE | "
+              "WRITEPROTECT | POISON | MOVE | nrN"),
+    "start": ("Int64", "range start (COPY: dst; API: empty)"),
+    "len": ("Int64", "range length in bytes (API: empty)"),
+    "mode": ("Int64", "mode word (REGISTER: MISSING 1 | WP 2 | MINOR 4; CONTINUE: DONTWAKE 1; "
+             "COPY: DONTWAKE 1 | WP 2; API: the requested features)"),
+    "ret": ("Int64", "return value"),
+    "errno": ("Int64", "-ret when it failed, else 0"),
+    "mapped": ("Int64", "bytes the ioctl reports as mapped (CONTINUE, ZEROPAGE: mapped; COPY: "
+               "copy); empty for the others"),
+    "duration_ns": ("Int64", "exit - enter"),
+    "woken": ("Int64", "faults of traced threads it woke"),
+    "mfill_ns": ("Int64", "time inside its mcopy/mfill function (kprobe backend)"),
+    "install_ns": ("Int64", "time inside its PTE-install functions (kprobe backend)"),
+    "exit_ns": ("Int64", "instant the ioctl returned"),
 }
 
 
-def empty_faults() -> pd.DataFrame:
+def empty_faults(columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> pd.DataFrame:
     """An empty batch with the right columns and dtypes."""
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, (dtype, _) in FAULT_COLUMNS.items()})
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, (dtype, _) in columns.items()})
 
 
-def coerce_faults(df: pd.DataFrame) -> pd.DataFrame:
+def coerce_faults(df: pd.DataFrame,
+                  columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> pd.DataFrame:
     """Give a batch the canonical column order and dtypes (missing columns become <NA>)."""
     out = pd.DataFrame(index=df.index)
-    for name, (dtype, _) in FAULT_COLUMNS.items():
+    for name, (dtype, _) in columns.items():
         out[name] = df[name].astype(dtype) if name in df else pd.Series(pd.NA, index=df.index, dtype=dtype)
     return out
+
+
+def empty_ioctls() -> pd.DataFrame:
+    return empty_faults(IOCTL_COLUMNS)

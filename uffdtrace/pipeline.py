@@ -1,8 +1,16 @@
-"""Raw BPF records -> one row per fault (uffdtrace.events.FAULT_COLUMNS), batch by batch.
+"""Raw BPF records -> rows: one per fault (FAULT_COLUMNS) and one per uffd ioctl
+(IOCTL_COLUMNS), batch by batch.
 
-A fault record is complete in the kernel except for what happens after T resumed: the exit
-of the ioctl that woke it (its duration and `mapped`). Faults whose resolving ioctl has not
-been seen yet wait here until it arrives or the stream ends, so no row is ever written twice.
+A fault record is complete in the kernel except for what comes later or from elsewhere:
+- the exit of the ioctl that woke it (duration, return value, `mapped`), joined by the
+  waker's thread and the ioctl's entry instant;
+- its message, when the handler did not ask for UFFD_FEATURE_THREAD_ID: such messages name
+  no thread, so they are matched here by (address space, page) and time;
+- its resolver, when it never had to sleep (`no_wait`: the page was mapped before the thread
+  slept, so no wakeup names the ioctl): the first ioctl of its address space that mapped its
+  page after the fault began.
+Faults wait here until what they need has arrived (or the stream ends), so no row is ever
+written twice.
 """
 
 from __future__ import annotations
@@ -12,11 +20,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from uffdtrace.events import FAULT_COLUMNS, coerce_faults, empty_faults
+from uffdtrace.events import (
+    FAULT_COLUMNS,
+    IOCTL_COLUMNS,
+    coerce_faults,
+    empty_faults,
+    empty_ioctls,
+)
 from uffdtrace.probes.paths import BASE_PAGE, Paths, huge_page_size
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
+    EV_MSG,
+    F_BLOCKED_AT_END,
     F_EXITED,
     F_MSG,
     F_RESUMED,
@@ -31,16 +47,49 @@ from uffdtrace.probes.records import (
 )
 
 RESOLVERS = {"CONTINUE", "COPY", "ZEROPAGE", "WAKE"}
-RESOLVER_BY_NR = np.array([UFFDIO_NAMES.get(nr, "other") for nr in range(256)], dtype=object)
-FAILED_IOCTL_MEMORY = 4096  # recent failed ioctls kept to attribute errnos to faults
-EXIT_MEMORY_NS = 5_000_000_000  # how long resolving ioctls' exits wait for their faults
+NR_REGISTER, NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE, NR_API = 0x00, 0x02, 0x03, 0x04, 0x07, 0x3F
+RESOLVING_NRS = [NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE]
+IOCTL_BY_NR = np.array([UFFDIO_NAMES.get(nr, f"nr{nr:#x}") for nr in range(256)], dtype=object)
+UFFD_EVENT_PAGEFAULT = 0x12
+MEMORY_NS = 5_000_000_000  # how long ioctl exits and unmatched messages wait for their faults
+NO_WAIT_PATIENCE_NS = 1_000_000_000  # how long a no_wait fault waits for the ioctl that mapped it
+SCAN_CHUNK = 4096
 
-
-NR_CONTINUE = 0x07
-# Columns the resolving ioctl's exit brings to its faults.
+# Columns the resolving ioctl's exit brings to its faults (`errno` is the ioctl's).
 EXIT_COLUMNS = {"handler_tid": "Int64", "cont_enter_ns": "Int64", "cont_exit_ns": "Int64",
                 "mapped": "Int64", "mfill_ns": "Int64", "install_ns": "Int64",
-                "install_backing": "string"}
+                "install_backing": "string", "errno": "Int64"}
+# What else is kept of each resolving ioctl, to find the one that mapped a no_wait fault's page.
+EXIT_RANGE_COLUMNS = {"handler_pid": "int64", "nr": "int64", "mm": "uint64", "start": "uint64",
+                      "end": "uint64", "ok": "bool"}
+MESSAGE_COLUMNS = {"mm": "uint64", "page": "uint64", "msg_ns": "int64", "msg_flags": "uint64"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one feed() releases: fault rows now complete, and the ioctl rows of the batch."""
+
+    faults: pd.DataFrame
+    ioctls: pd.DataFrame
+
+
+@dataclass
+class MessageMatching:
+    """Fault messages that the kernel side could not give to a fault by thread id (handlers
+    without UFFD_FEATURE_THREAD_ID, or a message read after its fault ended)."""
+
+    matched: int = 0  # given to a fault here, by address space and page
+    unmatched: int = 0  # no traced fault of that page in flight (an untraced thread's, or late)
+
+
+def _frame(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def _no_pending() -> pd.DataFrame:
+    """Fault rows waiting: FAULT_COLUMNS and the address space (a kernel pointer: exact as
+    uint64 only, so typed even when empty)."""
+    return empty_faults().assign(mm=pd.Series(dtype="uint64"))
 
 
 @dataclass
@@ -48,64 +97,139 @@ class Assembler:
     mode: str
     paths: Paths  # the backend's view of each fault's kernel path (uffdtrace.probes.paths)
     sees_ioctls: bool  # uffd ioctls are traced: resolver, errno and `mapped` can be known
-    pending: pd.DataFrame = field(default_factory=empty_faults)
+    pending: pd.DataFrame = field(default_factory=_no_pending)
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
-    _failed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
-        {c: pd.Series(dtype="int64") for c in ("start", "end", "enter", "errno")}))
-    _exits: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
-        {c: pd.Series(dtype=t) for c, t in EXIT_COLUMNS.items()}))
     register_ranges: list[dict] = field(default_factory=list)
+    messages: MessageMatching = field(default_factory=MessageMatching)
+    _exits: pd.DataFrame = field(default_factory=lambda: _frame({**EXIT_COLUMNS, **EXIT_RANGE_COLUMNS}))
+    _msgs: pd.DataFrame = field(default_factory=lambda: _frame(MESSAGE_COLUMNS))
+    _now: int = 0  # the newest instant seen in any record
 
-    def feed(self, raw: np.ndarray) -> pd.DataFrame:
-        """Take one drained batch; return the fault rows that are now complete."""
-        self._take_ioctls(raw[raw["type"] == EV_IOCTL])
+    def feed(self, raw: np.ndarray) -> Batch:
+        """Take one drained batch; return the rows that are now complete."""
+        if len(raw):
+            self._now = max(self._now, int(raw["t0"].max()))
+        ioctls = self._take_ioctls(raw[raw["type"] == EV_IOCTL])
+        self._take_messages(raw[raw["type"] == EV_MSG])
         faults = self._faults(raw[raw["type"] == EV_FAULT])
-        return self._release(pd.concat([self.pending, faults], ignore_index=True), final=False)
+        return Batch(self._release(pd.concat([self.pending, faults], ignore_index=True), final=False),
+                     ioctls)
 
-    def finish(self) -> pd.DataFrame:
+    def finish(self) -> Batch:
         """End of stream: release everything still waiting, with what is known."""
-        return self._release(self.pending, final=True)
+        faults = self._release(self.pending, final=True)
+        self.messages.unmatched += len(self._msgs)
+        self._msgs = self._msgs.iloc[0:0]
+        return Batch(faults, empty_ioctls())
 
-    def _take_ioctls(self, io: np.ndarray) -> None:
-        errnos = np.where(io["ret"] < 0, -io["ret"], 0)
-        pairs, counts = np.unique(np.stack([io["nr"].astype(np.int64), errnos]), axis=1,
-                                  return_counts=True)
-        for (nr, err), n in zip(pairs.T.tolist(), counts.tolist(), strict=True):
-            key = (UFFDIO_NAMES.get(nr, f"nr{nr:#x}"), err)
-            self.ioctl_counts[key] = self.ioctl_counts.get(key, 0) + n
-        for rec in io[io["ret"] < 0]:
-            self._failed.loc[len(self._failed)] = [
-                int(rec["addr"]), int(rec["addr"] + rec["len"]), int(rec["t0"]), int(-rec["ret"])]
-        if len(self._failed) > FAILED_IOCTL_MEMORY:
-            self._failed = self._failed.iloc[-FAILED_IOCTL_MEMORY:].reset_index(drop=True)
-        for rec in io[io["nr"] == 0x00]:  # UFFDIO_REGISTER
+    # -- ioctls -------------------------------------------------------------------------
+
+    def _take_ioctls(self, io: np.ndarray) -> pd.DataFrame:
+        if not len(io):
+            return empty_ioctls()
+        nr = io["nr"].astype(np.int64)
+        ret = io["ret"].astype(np.int64)
+        errnos = np.where(ret < 0, -ret, 0)
+        pairs, counts = np.unique(np.stack([nr, errnos]), axis=1, return_counts=True)
+        for (n, err), k in zip(pairs.T.tolist(), counts.tolist(), strict=True):
+            key = (IOCTL_BY_NR[n], err)
+            self.ioctl_counts[key] = self.ioctl_counts.get(key, 0) + k
+        for rec in io[nr == NR_REGISTER]:
             self.register_ranges.append(
                 {"pid": int(rec["pid"]), "start": int(rec["addr"]), "len": int(rec["len"]),
                  "mode": int(rec["x"]), "ok": int(rec["ret"]) == 0})
-        resolving = io[np.isin(io["nr"], [0x02, 0x03, 0x04, NR_CONTINUE])]
-        if len(resolving):
-            flags = resolving["flags"]
-            installed = (flags & (IO_HUGETLB | IO_SHMEM | IO_PTE)) != 0
+
+        flags = io["flags"]
+        api = nr == NR_API
+        installed = (flags & (IO_HUGETLB | IO_SHMEM | IO_PTE)) != 0
+        rows = pd.DataFrame({
+            "enter_ns": io["t0"].astype(np.int64),
+            "pid": io["pid"].astype(np.int64),
+            "tid": io["tid"].astype(np.int64),
+            "comm": _decode(io["comm"]),
+            "ioctl": pd.Series(IOCTL_BY_NR[nr], dtype="string"),
+            "start": pd.Series(io["addr"].astype(np.int64), dtype="Int64").where(~api),
+            "len": pd.Series(io["len"].astype(np.int64), dtype="Int64").where(~api),
+            "mode": np.where(api, io["len"], io["x"]).astype(np.int64),
+            "ret": ret,
+            "errno": errnos,
+            "mapped": pd.Series(io["mapped"], dtype="Int64").where(
+                np.isin(nr, [NR_CONTINUE, NR_ZEROPAGE, NR_COPY])),
+            "duration_ns": (io["t1"] - io["t0"]).astype(np.int64),
+            "woken": io["woken"].astype(np.int64),
+            "mfill_ns": pd.Series(io["t2"].astype(np.int64), dtype="Int64").where((flags & IO_MFILL) != 0),
+            "install_ns": pd.Series(io["t3"].astype(np.int64), dtype="Int64").where(installed),
+            "exit_ns": io["t1"].astype(np.int64),
+        })
+        rows = coerce_faults(rows, IOCTL_COLUMNS)
+
+        resolving = np.isin(nr, RESOLVING_NRS)
+        if resolving.any():
+            r, rnr, rflags = rows[resolving], nr[resolving], flags[resolving]
             # hugetlb vs shmem from the PTE-install function the ioctl went through
             install_backing = np.select(
-                [(flags & IO_HUGETLB) != 0,
-                 ((flags & IO_SHMEM) != 0) | (((flags & IO_PTE) != 0) & (resolving["nr"] == NR_CONTINUE)),
-                 (flags & IO_PTE) != 0],
+                [(rflags & IO_HUGETLB) != 0,
+                 ((rflags & IO_SHMEM) != 0) | (((rflags & IO_PTE) != 0) & (rnr == NR_CONTINUE)),
+                 (rflags & IO_PTE) != 0],
                 np.array(["hugetlb", "shmem", "anon"], dtype=object), None)
-            self._exits = pd.concat([self._exits, pd.DataFrame({
-                "handler_tid": resolving["tid"].astype(np.int64),
-                "cont_enter_ns": resolving["t0"].astype(np.int64),
-                "cont_exit_ns": resolving["t1"].astype(np.int64),
-                "mapped": resolving["mapped"].astype(np.int64),
-                "mfill_ns": pd.Series(resolving["t2"].astype(np.int64)).where((flags & IO_MFILL) != 0),
-                "install_ns": pd.Series(resolving["t3"].astype(np.int64)).where(installed),
-                "install_backing": install_backing,
-            }).astype(EXIT_COLUMNS)], ignore_index=True)
+            exits = pd.DataFrame({
+                "handler_tid": r["tid"], "cont_enter_ns": r["enter_ns"], "cont_exit_ns": r["exit_ns"],
+                "mapped": r["mapped"], "mfill_ns": r["mfill_ns"], "install_ns": r["install_ns"],
+                "install_backing": install_backing, "errno": r["errno"],
+                "handler_pid": r["pid"], "nr": rnr, "mm": io["mm"][resolving],
+                "start": io["addr"][resolving], "end": io["addr"][resolving] + io["len"][resolving],
+                # it mapped something (a WAKE maps nothing, but wakes what another ioctl mapped)
+                "ok": (r["ret"].to_numpy(dtype=np.int64) >= 0) & (rnr != NR_WAKE)
+                | (r["mapped"].fillna(0).to_numpy(dtype=np.int64) > 0),
+            }).astype({**EXIT_COLUMNS, **EXIT_RANGE_COLUMNS})
+            self._exits = pd.concat([self._exits, exits], ignore_index=True)
+        return rows
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _take_messages(self, msgs: np.ndarray) -> None:
+        faults = msgs[msgs["nr"] == UFFD_EVENT_PAGEFAULT]
+        if len(faults):
+            self._msgs = pd.concat([self._msgs, pd.DataFrame({
+                "mm": faults["mm"], "page": faults["addr"], "msg_ns": faults["t0"].astype(np.int64),
+                "msg_flags": faults["len"]})], ignore_index=True)
+        old = self._msgs["msg_ns"].to_numpy() < self._now - MEMORY_NS
+        if old.any():
+            self.messages.unmatched += int(old.sum())
+            self._msgs = self._msgs[~old].reset_index(drop=True)
+
+    def _match_messages(self, df: pd.DataFrame) -> None:
+        """Give each fault without a message the first unmatched message of its address space
+        and page read while it was in flight (before its resolving ioctl, else its wakeup)."""
+        need = df["msg_ns"].isna().to_numpy()
+        if not need.any() or self._msgs.empty:
+            return
+        cand = pd.DataFrame({
+            "row": df.index[need],
+            "mm": df["mm"].to_numpy()[need].astype(np.uint64),
+            "fault_ns": df["fault_ns"].to_numpy(dtype=np.int64, na_value=0)[need],
+            "until": df["cont_enter_ns"].fillna(df["wake_ns"]).to_numpy(
+                dtype=np.int64, na_value=np.iinfo(np.int64).max)[need],
+        })
+        addr = df["addr"].to_numpy(dtype=np.int64)[need].astype(np.uint64)
+        msgs = self._msgs.reset_index(names="msg")
+        hits = pd.concat([cand.assign(page=addr & ~np.uint64(mask)).merge(msgs, on=["mm", "page"])
+                          for mask in (0xFFF, 0x1FFFFF)], ignore_index=True)
+        hits = hits[(hits["msg_ns"] >= hits["fault_ns"]) & (hits["msg_ns"] <= hits["until"])]
+        hits = hits.sort_values("msg_ns").drop_duplicates("row").drop_duplicates("msg")
+        if hits.empty:
+            return
+        rows = hits["row"].to_numpy()
+        df.loc[rows, "msg_ns"] = hits["msg_ns"].to_numpy()
+        df.loc[rows, "kind"] = _kind_of_message(hits["msg_flags"].to_numpy())
+        self._msgs = self._msgs.drop(index=hits["msg"].to_numpy())
+        self.messages.matched += len(hits)
+
+    # -- faults -------------------------------------------------------------------------
 
     def _faults(self, f: np.ndarray) -> pd.DataFrame:
         if not len(f):
-            return empty_faults()
-        full = self.mode == "full"
+            return _no_pending()
         resumed = (f["flags"] & F_RESUMED) != 0
 
         def instant(values: np.ndarray, known: np.ndarray | None = None) -> pd.Series:
@@ -113,93 +237,109 @@ class Assembler:
             mask = values != 0 if known is None else known
             return s.where(mask)
 
-        fault = instant(f["t0"])
-        block = instant(f["t1"])
-        wake = instant(f["t2"])
-        resume = instant(f["t3"], resumed)
-        msg = instant(f["t4"], (f["flags"] & F_MSG) != 0)
-        cont_enter = instant(f["t5"])
-        returned = instant(f["t6"])
+        flags = f["flags"]
+        # A thread that exited or was still asleep in the fault was not resolved, whoever woke it.
+        unresolved = (flags & (F_EXITED | F_BLOCKED_AT_END)) != 0
+        waker_ioctl = instant(f["t5"]).where(~unresolved)
         df = pd.DataFrame({
-            "fault_ns": fault,
+            "fault_ns": instant(f["t0"]),
             "pid": f["pid"].astype(np.int64),
             "tid": f["tid"].astype(np.int64),
             "comm": _decode(f["comm"]),
             "addr": f["addr"].astype(np.int64),
-            "block_ns": block,
-            "msg_ns": msg,
-            "cont_enter_ns": cont_enter,
-            "wake_ns": wake,
-            "resume_ns": resume,
-            "return_ns": returned,
-            "handler_pid": instant(f["peer_pid"]),
-            "handler_tid": instant(f["peer_tid"]),
-            "outcome": np.select([(f["flags"] & F_EXITED) != 0, (f["flags"] & F_WOKEN) != 0],
-                                 ["unresolved_exit", "resolved"], "no_wait"),
+            "block_ns": instant(f["t1"]),
+            "msg_ns": instant(f["t4"], (flags & F_MSG) != 0),
+            "cont_enter_ns": waker_ioctl,
+            "wake_ns": instant(f["t2"]),
+            "resume_ns": instant(f["t3"], resumed),
+            "return_ns": instant(f["t6"]),
+            "handler_pid": instant(f["peer_pid"]).where(~unresolved),
+            "handler_tid": instant(f["peer_tid"]).where(~unresolved),
+            "outcome": np.select([(flags & F_BLOCKED_AT_END) != 0, (flags & F_EXITED) != 0,
+                                  (flags & F_WOKEN) != 0],
+                                 ["unresolved_end", "unresolved_exit", "resolved"], "no_wait"),
+            "mm": f["mm"],
         })
         df["outcome"] = df["outcome"].astype("string")
-        resolver = pd.Series(RESOLVER_BY_NR[f["nr"]], dtype="string")
-        df["resolver"] = resolver.where(cont_enter.notna().to_numpy())
-        df["errno"] = pd.Series(0 if self.sees_ioctls else pd.NA, index=df.index, dtype="Int64")
-        self._classify(df, f, full)
+        resolver = pd.Series(IOCTL_BY_NR[f["nr"]], dtype="string")
+        df["resolver"] = resolver.where(waker_ioctl.notna().to_numpy())
+        self._classify(df, f)
         return df
 
-    def _classify(self, df: pd.DataFrame, f: np.ndarray, full: bool) -> None:
+    def _classify(self, df: pd.DataFrame, f: np.ndarray) -> None:
         paths = self.paths(f)
         df["backing"] = paths["backing"].to_numpy()
         df["page_size"] = paths["page_size"].to_numpy()
-        if full:
-            flags = f["x"]
-            msg_kind = np.where(flags & UFFD_PAGEFAULT_FLAG_MINOR, "minor",
-                                np.where(flags & UFFD_PAGEFAULT_FLAG_WP, "wp", "missing"))
+        if self.mode == "full":
             has_msg = (f["flags"] & F_MSG) != 0
-            kind = pd.Series(pd.array(np.where(has_msg, msg_kind, None), dtype="string"))
+            kind = pd.Series(pd.array(np.where(has_msg, _kind_of_message(f["x"]), None), dtype="string"))
             df["kind"] = kind.fillna(paths["kind"])
         else:
             df["kind"] = paths["kind"].to_numpy()
 
     def _release(self, df: pd.DataFrame, final: bool) -> pd.DataFrame:
         if df.empty:
-            self.pending = empty_faults()
+            self.pending = _no_pending()
             return empty_faults()
         keys = ["handler_tid", "cont_enter_ns"]
-        df = df.drop(columns=[c for c in EXIT_COLUMNS if c not in keys], errors="ignore").merge(
-            self._exits, on=keys, how="left")
+        joined = [c for c in EXIT_COLUMNS if c not in keys]
+        df = df.drop(columns=joined, errors="ignore").merge(
+            self._exits[[*keys, *joined]], on=keys, how="left")
+        if self.sees_ioctls:
+            self._find_resolvers(df)
+            self._match_messages(df)
         # A fault whose own path is unknown takes the backing its resolver installed into.
         unknown = df["backing"].isna() & df["install_backing"].notna()
         if unknown.any():
             df.loc[unknown, "backing"] = df.loc[unknown, "install_backing"]
             df.loc[unknown, "page_size"] = np.where(
                 df.loc[unknown, "install_backing"] == "hugetlb", huge_page_size(), BASE_PAGE)
-        has_exit = df["cont_exit_ns"].notna().to_numpy()
-        waiting = df["cont_enter_ns"].notna().to_numpy() & ~has_exit
-        if final or not self.sees_ioctls:
-            waiting[:] = False
-        self.pending = coerce_faults(df[waiting]).reset_index(drop=True)
-        done = df[~waiting].copy()
-        self._forget_old_exits()
-        self._attach_errnos(done)
+        waiting = np.zeros(len(df), dtype=bool)
+        if self.sees_ioctls and not final:
+            no_exit = df["cont_enter_ns"].notna().to_numpy() & df["cont_exit_ns"].isna().to_numpy()
+            unmapped = ((df["outcome"] == "no_wait").to_numpy() & df["cont_enter_ns"].isna().to_numpy()
+                        & (df["fault_ns"].to_numpy(dtype=np.int64, na_value=0)
+                           > self._now - NO_WAIT_PATIENCE_NS))
+            waiting = no_exit | unmapped
+        self.pending = df[waiting].reset_index(drop=True)
+        done = df[~waiting]
+        self._forget_old()
         return derive_durations(coerce_faults(done)).reset_index(drop=True)
 
-    def _forget_old_exits(self) -> None:
+    def _find_resolvers(self, df: pd.DataFrame) -> None:
+        """no_wait faults: the first ioctl of the same address space that mapped the page and
+        returned after the fault began (the one whose mapping the thread found)."""
+        rows = np.flatnonzero((df["outcome"] == "no_wait").to_numpy() & df["cont_enter_ns"].isna().to_numpy())
+        ex = self._exits[self._exits["ok"]]
+        if not len(rows) or ex.empty:
+            return
+        ex = ex.sort_values("cont_exit_ns")
+        exit_ns = ex["cont_exit_ns"].to_numpy(dtype=np.int64)
+        mm, start, end = (ex[c].to_numpy() for c in ("mm", "start", "end"))
+        for i in rows:
+            fault_mm, addr = np.uint64(df.at[i, "mm"]), np.uint64(df.at[i, "addr"])
+            lo = int(np.searchsorted(exit_ns, int(df.at[i, "fault_ns"])))
+            for chunk in range(lo, len(ex), SCAN_CHUNK):
+                s = slice(chunk, chunk + SCAN_CHUNK)
+                hit = np.flatnonzero((mm[s] == fault_mm) & (start[s] <= addr) & (addr < end[s]))
+                if len(hit):
+                    found = ex.iloc[chunk + hit[0]]
+                    for c in (*EXIT_COLUMNS, "handler_pid"):
+                        df.at[i, c] = found[c]
+                    df.at[i, "resolver"] = IOCTL_BY_NR[int(found["nr"])]
+                    break
+
+    def _forget_old(self) -> None:
         """An ioctl may resolve many faults (a WAKE over a range), so its exit is kept for a
         while rather than dropped at first use; faults reach us within seconds of it."""
         if len(self._exits):
-            newest = self._exits["cont_exit_ns"].max()
-            self._exits = self._exits[self._exits["cont_exit_ns"] >= newest - EXIT_MEMORY_NS]
+            self._exits = self._exits[self._exits["cont_exit_ns"] >= self._now - MEMORY_NS]
 
-    def _attach_errnos(self, df: pd.DataFrame) -> None:
-        """errno of the last failed uffd ioctl on the fault's page while it was in flight."""
-        if not self.sees_ioctls or self._failed.empty or df.empty:
-            return
-        addr = df["addr"].to_numpy(dtype=np.int64)
-        lo = df["fault_ns"].to_numpy(dtype=np.int64, na_value=0)
-        hi = df["resume_ns"].fillna(df["wake_ns"]).to_numpy(dtype=np.int64, na_value=np.iinfo(np.int64).max)
-        errno = df["errno"].to_numpy(dtype=np.int64, na_value=0)
-        for start, end, enter, err in self._failed.itertuples(index=False):
-            hit = (addr >= start) & (addr < end) & (lo <= enter) & (enter <= hi)
-            errno[hit] = err
-        df["errno"] = pd.array(errno, dtype="Int64")
+
+def _kind_of_message(flags: np.ndarray) -> np.ndarray:
+    flags = flags.astype(np.uint64)
+    return np.where(flags & UFFD_PAGEFAULT_FLAG_MINOR, "minor",
+                    np.where(flags & UFFD_PAGEFAULT_FLAG_WP, "wp", "missing"))
 
 
 def _decode(names: np.ndarray) -> pd.Series:
@@ -220,4 +360,4 @@ def derive_durations(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(FAULT_COLUMNS)]
 
 
-__all__ = ["RESOLVERS", "Assembler", "derive_durations"]
+__all__ = ["RESOLVERS", "Assembler", "Batch", "derive_durations"]

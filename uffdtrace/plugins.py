@@ -7,6 +7,8 @@ default's type) and the FAULT_COLUMNS it reads (`columns`; None: all of them). T
     start(ctx)       once, before any fault; ctx is a RunContext, ctx.options its own options
     batch(df)        per batch: a DataFrame of fault rows (columns as declared, dtypes as in
                      uffdtrace.events). Work on whole columns, never one Python call per fault.
+    ioctls(df)       per batch with uffd ioctls (full mode, live runs): a DataFrame of
+                     IOCTL_COLUMNS rows, every ioctl of the traced processes, failed or not
     tick(now_ns)     live runs only, about once a second (CLOCK_MONOTONIC ns): a snapshot
     finish()         once at the end: {table name: DataFrame}, the plugin's results
 
@@ -86,6 +88,9 @@ class Plugin:
 
     def batch(self, df: pd.DataFrame) -> None:
         """Called with each batch of fault rows."""
+
+    def ioctls(self, df: pd.DataFrame) -> None:
+        """Called with each batch of uffd ioctl rows (full mode)."""
 
     def tick(self, now_ns: int) -> None:
         """Called periodically during live runs."""

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from uffdtrace.pipeline import Assembler
+from uffdtrace.pipeline import Assembler, Batch
 from uffdtrace.probes.backends import resolve
 from uffdtrace.probes.bpfstats import BpfStats
 from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
-from uffdtrace.sinks import Sink
+from uffdtrace.sinks import IoctlSink, Sink
 from uffdtrace.summary import FaultStats
 from uffdtrace.targets import uffd_holders, uffd_inodes, uffd_ranges
 
@@ -114,12 +114,16 @@ class Session:
     def _feed(self, raw: np.ndarray) -> None:
         self._emit(self.assembler.feed(raw[raw["pid"] != self._me]))  # never trace ourselves
 
-    def _emit(self, batch) -> None:
-        if batch.empty:
+    def _emit(self, batch: Batch) -> None:
+        if not batch.ioctls.empty:
+            for sink in self.sinks:
+                if isinstance(sink, IoctlSink):
+                    sink.write_ioctls(batch.ioctls)
+        if batch.faults.empty:
             return
-        self.stats.write(batch)
+        self.stats.write(batch.faults)
         for sink in self.sinks:
-            sink.write(batch)
+            sink.write(batch.faults)
 
     def close(self) -> dict:
         """Flush, detach, restore; return the summary's tracer-side numbers."""
@@ -127,7 +131,7 @@ class Session:
         try:
             if self.backend is not None:
                 self.poll()
-                self._emit(self.assembler.feed(self.backend.woken_in_flight()))
+                self._emit(self.assembler.feed(self.backend.faults_in_flight()))
                 self._emit(self.assembler.finish())
                 run_ns, run_cnt = self.backend.run_stats()
                 info = {
@@ -140,6 +144,7 @@ class Session:
                     "registers": self.assembler.register_ranges,
                     "ranges_at_start": self.ranges_at_start,
                     "ioctls": self.assembler.ioctl_counts,
+                    "messages": self.assembler.messages,
                 }
         finally:
             for sink in self.sinks:

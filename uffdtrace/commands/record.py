@@ -6,12 +6,15 @@ stdout): counts by backing x kind, stall and CONTINUE percentiles, lost events, 
 own cost.
 
 modes:
-  light   tracepoints page_fault_user + sched_switch + sched_wakeup only (cheapest); no ioctl
-          arguments, so resolver, continue_ns, handler_ns, errno and mapped stay empty
-  full    adds raw syscall tracepoints for uffd ioctls and message reads: every column
+  light   tracepoints page_fault_user, sched_switch, sched_waking and rseq_update only
+          (cheapest); no ioctls or messages, so resolver, msg_ns, continue_ns, handler_ns,
+          errno and mapped stay empty, and a fault that never slept is not seen
+  full    adds raw syscall tracepoints for uffd ioctls and message reads: every column, and
+          one row per ioctl with --ioctls
 
 examples:
   uffdtrace record -o faults.csv -- uffdtrace exercise --pages 20000
+  uffdtrace record -o faults.csv --ioctls ioctls.csv -p 4242
   uffdtrace record -p 4242 --duration 10 --mode light -o vm.csv
   uffdtrace record --all -d 5 --json > summary.json
 """
@@ -33,7 +36,7 @@ from uffdtrace.errors import UserError
 from uffdtrace.probes.records import LOST_REASONS, UFFD_EVENTS
 from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session, stop_on_signals
-from uffdtrace.sinks.csv import CsvSink
+from uffdtrace.sinks.csv import CsvSink, IoctlCsvSink
 from uffdtrace.sinks.plugins import add_plugin_arguments, plugin_sink_from_args
 from uffdtrace.summary import format_us
 from uffdtrace.targets import LaunchedCommand, alive, check_pids
@@ -45,6 +48,10 @@ HELP = "record per-fault timelines to CSV"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="FILE.csv",
                    help="per-fault CSV (default: stdout)")
+    p.add_argument("--ioctls", metavar="FILE.csv",
+                   help="also write one row per uffd ioctl of the traced processes (full mode): "
+                        "REGISTER, COPY, CONTINUE, WAKE... with range, mode, return value, errno, "
+                        "mapped bytes, duration and the faults it woke")
     p.add_argument("-d", "--duration", type=float, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C or the command ends)")
     add_probe_arguments(p)
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--duration must be positive")
     if args.json and not args.output:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
+    if args.ioctls and args.mode != "full":
+        raise UserError("--ioctls needs --mode full (light mode does not trace ioctls)")
     pids = check_pids(args.pid)
     ctx = run_context(pids, command, args.mode, args.backend)
     plugin_sink = plugin_sink_from_args(args, ctx, stream=sys.stderr) if args.plugin else None
@@ -68,13 +77,18 @@ def run(args: argparse.Namespace) -> int:
     launched = LaunchedCommand(command) if command else None
     scope = TraceScope(pids=tuple(pids) + ((launched.pid,) if launched else ()),
                        all=args.all, follow_children=bool(launched))
+    sinks = []
     try:
-        sink = CsvSink(args.output) if args.output else CsvSink(None, stream=sys.stdout)
+        sinks.append(CsvSink(args.output) if args.output else CsvSink(None, stream=sys.stdout))
+        if args.ioctls:
+            sinks.append(IoctlCsvSink(args.ioctls))
     except OSError as e:
         if launched:
             launched.terminate()
-        raise UserError(f"cannot write {args.output}: {e.strerror}") from e
-    session = Session(args.mode, scope, [sink, *([plugin_sink] if plugin_sink else [])],
+        for sink in sinks:
+            sink.close()
+        raise UserError(f"cannot write {e.filename}: {e.strerror}") from e
+    session = Session(args.mode, scope, [*sinks, *([plugin_sink] if plugin_sink else [])],
                       requested_backend=args.backend)
     stop_on_signals(session)
     try:
@@ -125,6 +139,8 @@ def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
         "uffd_ranges_at_start": info.get("ranges_at_start", []),
         "ioctls": [{"ioctl": name, "errno": err, "count": n}
                    for (name, err), n in sorted(info.get("ioctls", {}).items())],
+        "messages_matched_by_address": info["messages"].matched if "messages" in info else 0,
+        "messages_unmatched": info["messages"].unmatched if "messages" in info else 0,
         "startup_s": round(session.startup_s, 3),
         "compile_s": round(session.backend.compile_s, 3) if session.backend else None,
         "bpf_run_ns": info.get("bpf_run_ns"),
@@ -152,6 +168,14 @@ def print_summary(s: dict, out) -> None:
     unresolved = s["outcomes"].get("unresolved_exit", 0)
     if unresolved:
         p(f"  {unresolved} faults still in flight when their thread exited")
+    if s["outcomes"].get("unresolved_end"):
+        p(f"  {s['outcomes']['unresolved_end']} faults still blocked when tracing ended")
+    if s["messages_matched_by_address"]:
+        p(f"  {s['messages_matched_by_address']} fault messages named no thread (no "
+          "UFFD_FEATURE_THREAD_ID): matched to their faults by address space and page")
+    if s["messages_unmatched"]:
+        p(f"  {s['messages_unmatched']} fault messages matched no traced fault (an untraced "
+          "thread's, or read after the fault had ended)")
     for r in s["uffd_ranges_at_start"]:
         p(f"  registered before tracing: pid {r['pid']} {r['start']:#x}+{r['len']:#x} "
           f"{'|'.join(r['modes'])}")

@@ -6,8 +6,12 @@ each table is also written as DIR/<plugin>_<table>.csv; the columns of each tabl
 documented in the plugin's module (e.g. `pydoc uffdtrace_plugins.latency`). --plots adds PNG
 figures to DIR (needs matplotlib): the stall histogram, stall over time, blocked time per thread.
 
+With --ioctls, the ioctl records of the same run (`record --ioctls`) go to the plugins too: the
+misuse plugin explains failed ioctls from them.
+
 examples:
   uffdtrace report faults.csv
+  uffdtrace report faults.csv --ioctls ioctls.csv --plugin misuse
   uffdtrace report faults.csv --plugin latency --plugin ./mine.py --format json
   uffdtrace report faults.csv --opt timeline.interval_s=0.1 --out results --plots
 """
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from uffdtrace.errors import UserError
-from uffdtrace.events import FAULT_COLUMNS, coerce_faults
+from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
 from uffdtrace.plugins import RunContext
 from uffdtrace.sinks.plugins import add_plugin_arguments, format_tables, plugin_sink_from_args
 
@@ -34,12 +38,13 @@ HELP = "analyse a recorded CSV with plugins (tables, CSV files, plots)"
 
 DEFAULT_PLUGINS = ("latency", "blocktime", "hotpages", "misuse", "timeline")
 CHUNK_ROWS = 200_000
-DTYPES = {name: dtype for name, (dtype, _) in FAULT_COLUMNS.items()}
 INTEGER = re.compile(r"-?\d+")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, metavar="FILE.csv", help="CSV written by `uffdtrace record`")
+    p.add_argument("--ioctls", type=Path, metavar="IOCTLS.csv",
+                   help="the ioctl CSV of the same run (`uffdtrace record --ioctls`)")
     add_plugin_arguments(p, out_flag="--out")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table",
                    help="how results are printed on stdout (default: table)")
@@ -51,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         if args.plugin_out is None:
             raise UserError("--plots writes PNG files: give them a directory with --out DIR")
         _pyplot()
-    faults = read_faults(args.file)  # the header is checked before any plugin starts
+    faults = read_faults(args.file)  # headers are checked before any plugin starts
+    ioctls = read_faults(args.ioctls, columns=IOCTL_COLUMNS) if args.ioctls else iter(())
     ctx = RunContext(targets=(f"file {args.file}",), backend="file", mode="", kernel_release="",
                      live=False)
     sink = plugin_sink_from_args(args, ctx, default=DEFAULT_PLUGINS)
+    for chunk in ioctls:
+        sink.write_ioctls(chunk)
     rows = 0
     for chunk in faults:
         rows += len(chunk)
@@ -82,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     return 1 if sink.failed else 0
 
 
-def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-    """Check that `path` is a complete `record` CSV, then yield its rows in coerced chunks."""
+def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS,
+                columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> Iterator[pd.DataFrame]:
+    """Check that `path` is a complete `record` CSV (of faults, or of `columns`), then yield its
+    rows in coerced chunks."""
     try:
         with open(path, "rb") as f:
             header = f.readline().decode(errors="replace").rstrip("\r\n")
@@ -94,10 +104,10 @@ def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
             complete = f.read(1) == b"\n"
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from e
-    columns = header.split(",")
-    if columns != list(FAULT_COLUMNS):
-        missing = [c for c in FAULT_COLUMNS if c not in columns]
-        extra = [c for c in columns if c not in FAULT_COLUMNS]
+    found = header.split(",")
+    if found != list(columns):
+        missing = [c for c in columns if c not in found]
+        extra = [c for c in found if c not in columns]
         what = "; ".join(filter(None, [
             missing and "missing columns " + ", ".join(missing),
             extra and "unexpected columns " + ", ".join(extra),
@@ -105,25 +115,26 @@ def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
         raise UserError(f"{path} is not a `uffdtrace record` CSV: {what}")
     if not complete:
         raise UserError(f"{path}: the last line is truncated (was the recording interrupted?)")
-    return _chunks(path, chunk_rows)
+    return _chunks(path, chunk_rows, columns)
 
 
-def _chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _chunks(path: Path, chunk_rows: int, columns: dict[str, tuple[str, str]]) -> Iterator[pd.DataFrame]:
+    dtypes = {name: dtype for name, (dtype, _) in columns.items()}
     try:
-        with pd.read_csv(path, dtype=DTYPES, chunksize=chunk_rows, keep_default_na=False,
+        with pd.read_csv(path, dtype=dtypes, chunksize=chunk_rows, keep_default_na=False,
                          na_values=[""]) as reader:
             for chunk in reader:
-                yield coerce_faults(chunk)
+                yield coerce_faults(chunk, columns)
     except pd.errors.ParserError as e:
         message = str(e).strip().removeprefix("Error tokenizing data. C error: ")
         raise UserError(f"{path}: {message}") from e
     except (ValueError, OverflowError) as e:
-        raise UserError(f"{path}: {_bad_cell(path, chunk_rows) or e}") from e
+        raise UserError(f"{path}: {_bad_cell(path, chunk_rows, dtypes) or e}") from e
 
 
-def _bad_cell(path: Path, chunk_rows: int) -> str | None:
+def _bad_cell(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> str | None:
     """Where the first value that is not an integer sits in an integer column."""
-    integer = [n for n, dtype in DTYPES.items() if dtype == "Int64"]
+    integer = [n for n, dtype in dtypes.items() if dtype == "Int64"]
     with pd.read_csv(path, dtype=str, usecols=integer, chunksize=chunk_rows,
                      keep_default_na=False) as reader:
         for first, chunk in enumerate(reader):

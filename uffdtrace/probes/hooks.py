@@ -34,7 +34,7 @@ HOOKS = (
     Hook("shmem-fault", ("shmem_fault", "shmem_get_folio_gfp"), (), "fault_path(F_SHMEM)", None,
          "backing shmem"),
     Hook("ioctl", ("userfaultfd_ioctl",), (("void *", "file"), ("u32", "cmd"), ("u64", "arg")),
-         "ioctl_enter(cmd, arg)", "ioctl_return(ret)",
+         "ioctl_enter(file, cmd, arg)", "ioctl_return(ret)",
          "every uffd ioctl with its range, errno and `mapped`, without syscall tracepoints"),
     Hook("continue", ("mfill_atomic_continue", "mcopy_continue"), (), "mfill_enter()",
          "mfill_return()", "mfill_ns of CONTINUE"),

@@ -21,6 +21,7 @@ F_UFFD = 1024  # kprobe backend: the fault entered handle_userfault; `mapped` ho
 F_HUGETLB = 2048
 F_SHMEM = 4096
 F_ACTIVE = 8192  # BPF state only (a fault in flight); never set in records
+F_BLOCKED_AT_END = 16384  # set by user space: still asleep in the fault when tracing ended
 
 # struct event flags for EV_IOCTL (kprobe backend): kernel functions the ioctl went through
 IO_MFILL = 1  # its mcopy/mfill function; t2 = time inside
@@ -38,6 +39,7 @@ EVENT_DTYPE = np.dtype(
         ("peer_pid", np.uint32),
         ("peer_tid", np.uint32),
         ("notify_tid", np.uint32),
+        ("woken", np.uint32),
         ("t0", np.uint64),
         ("t1", np.uint64),
         ("t2", np.uint64),
@@ -50,10 +52,12 @@ EVENT_DTYPE = np.dtype(
         ("x", np.uint64),
         ("ret", np.int64),
         ("mapped", np.int64),
+        ("mm", np.uint64),
         ("comm", "S16"),
-    ]
+    ],
+    align=True,  # C's layout: padding where struct event has it
 )
-assert EVENT_DTYPE.itemsize == 136
+assert EVENT_DTYPE.itemsize == 152
 
 LOST_REASONS = ("ringbuf_full", "inflight_map_full", "ioctl_map_full")
 

@@ -15,7 +15,16 @@ from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
 from uffdtrace.probes.paths import Paths, RegionPaths
-from uffdtrace.probes.records import EV_FAULT, EVENT_DTYPE, F_ACTIVE, F_MSG, F_WOKEN, LOST_REASONS
+from uffdtrace.probes.records import (
+    EV_FAULT,
+    EVENT_DTYPE,
+    F_ACTIVE,
+    F_BLOCKED_AT_END,
+    F_MSG,
+    F_SLEPT,
+    F_WOKEN,
+    LOST_REASONS,
+)
 from uffdtrace.probes.ringbuf import RingBufferReader
 
 MODES = ("light", "full")
@@ -45,16 +54,14 @@ class TracepointBackend:
     _ring: RingBufferReader | None = field(default=None, repr=False)
 
     def cflags(self) -> list[str]:
-        offsets = struct_member_offsets("task_struct", ("pid", "tgid", "__state"))
-        huf = kallsyms().range_of("handle_userfault")
-        if huf is None:
-            raise UserError("handle_userfault is not in /proc/kallsyms: no userfaultfd support?")
-        flags = [
-            f"-DTASK_PID_OFF={offsets['pid']}",
-            f"-DTASK_TGID_OFF={offsets['tgid']}",
-            f"-DTASK_STATE_OFF={offsets['__state']}",
+        huf, wake = (_function_range(f) for f in ("handle_userfault", "userfaultfd_wake_function"))
+        read_iter = _function_range("userfaultfd_read_iter")[0]
+        flags = [f"-D{name}={offset}" for name, offset in _kernel_offsets().items()] + [
             f"-DHUF_START={huf[0]:#x}ULL",
             f"-DHUF_END={huf[1]:#x}ULL",
+            f"-DUWAKE_START={wake[0]:#x}ULL",
+            f"-DUWAKE_END={wake[1]:#x}ULL",
+            f"-DUFFD_READ_ITER={read_iter:#x}ULL",
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
         ]
@@ -127,16 +134,20 @@ class TracepointBackend:
     def drain(self) -> np.ndarray:
         return self._ring.drain()
 
-    def woken_in_flight(self) -> np.ndarray:
+    def faults_in_flight(self) -> np.ndarray:
         """Recordable faults whose thread has not shown yet that it left the fault (no return
-        to user space, later fault, switch-out or exit): at the end of a session they are done."""
+        to user space, later fault, switch-out or exit), for the end of a session: woken ones
+        are done; those still asleep in the fault are flagged F_BLOCKED_AT_END."""
         rows = []
         for k, st in self._bpf["inflight"].items():
-            if st.flags & F_ACTIVE and st.flags & self.recorded_flags:
-                rows.append((EV_FAULT, st.ioctl_nr, st.flags & ~F_ACTIVE, st.tgid, k.value,
-                             st.waker_pid, st.waker_tid, st.notify_tid, st.fault_ns, st.block_ns,
-                             st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns, 0, st.addr,
-                             st.error_code, st.msg_flags, st.msg_tid, st.reason, bytes(st.comm)))
+            blocked = st.flags & F_SLEPT and not st.flags & F_WOKEN
+            if st.flags & F_ACTIVE and (st.flags & self.recorded_flags or blocked):
+                flags = (st.flags & ~F_ACTIVE) | (F_BLOCKED_AT_END if blocked else 0)
+                rows.append((EV_FAULT, st.ioctl_nr, flags, st.tgid, k.value,
+                             st.waker_pid, st.waker_tid, st.notify_tid, 0, st.fault_ns,
+                             st.block_ns, st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns,
+                             0, st.addr, st.error_code, st.msg_flags, st.msg_tid, st.reason, st.mm,
+                             bytes(st.comm)))
         return np.array(rows, dtype=EVENT_DTYPE)
 
     def lost(self) -> dict[str, int]:
@@ -188,3 +199,35 @@ class TracepointBackend:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+
+
+def _function_range(name: str) -> tuple[int, int]:
+    found = kallsyms().range_of(name)
+    if found is None:
+        raise UserError(f"{name} is not in /proc/kallsyms: no userfaultfd support?")
+    return found
+
+
+# -D name -> (struct, member): the kernel offsets the BPF programs read at (bpf/tracepoint.c).
+KERNEL_OFFSETS = {
+    "TASK_PID_OFF": ("task_struct", "pid"),
+    "TASK_TGID_OFF": ("task_struct", "tgid"),
+    "TASK_STATE_OFF": ("task_struct", "__state"),
+    "TASK_MM_OFF": ("task_struct", "mm"),
+    "TASK_FILES_OFF": ("task_struct", "files"),
+    "FILES_FDT_OFF": ("files_struct", "fdt"),
+    "FDT_MAX_FDS_OFF": ("fdtable", "max_fds"),
+    "FDT_FD_OFF": ("fdtable", "fd"),
+    "FILE_F_OP_OFF": ("file", "f_op"),
+    "FILE_PRIVATE_OFF": ("file", "private_data"),
+    "FOPS_READ_ITER_OFF": ("file_operations", "read_iter"),
+    "UCTX_MM_OFF": ("userfaultfd_ctx", "mm"),
+}
+
+
+def _kernel_offsets() -> dict[str, int]:
+    members: dict[str, set[str]] = {}
+    for struct, member in KERNEL_OFFSETS.values():
+        members.setdefault(struct, set()).add(member)
+    offsets = {s: struct_member_offsets(s, tuple(sorted(m))) for s, m in members.items()}
+    return {name: offsets[s][m] for name, (s, m) in KERNEL_OFFSETS.items()}

@@ -43,11 +43,12 @@ class _Hosted:
         self.columns = list(info.cls.columns) if info.cls.columns is not None else None
         self.failed = False
         self.skipped_rows = 0
+        self.skipped_ioctls = 0
         self.results: dict[str, pd.DataFrame] = {}
         self.panels: list[Panel] = []
         self.reset_due = False
         self.call("start", self.plugin.start, ctx)
-        self.queue: queue.Queue[pd.DataFrame | None] | None = None
+        self.queue: queue.Queue[tuple[str, pd.DataFrame] | None] | None = None
         if ctx.live:
             self.queue = queue.Queue(maxsize=host.queue_batches)
             self.thread = threading.Thread(target=self.work, name=f"plugin-{self.name}",
@@ -66,31 +67,39 @@ class _Hosted:
                   "disabled", file=self.host.err, flush=True)
             return None
 
-    def feed(self, df: pd.DataFrame) -> None:
+    def feed(self, df: pd.DataFrame, hook: str = "batch") -> None:
+        """Hand fault rows (hook "batch") or ioctl rows (hook "ioctls") to the plugin."""
         # Each plugin gets its own frame (copy-on-write: cheap), so none sees another's edits.
+        if hook == "ioctls":
+            self.call(hook, self.plugin.ioctls, df.copy(deep=False))
+            return
         view = df.copy(deep=False) if self.columns is None else df[self.columns]
-        self.call("batch", self.plugin.batch, view)
+        self.call(hook, self.plugin.batch, view)
 
-    def offer(self, df: pd.DataFrame) -> None:
+    def offer(self, df: pd.DataFrame, hook: str = "batch") -> None:
         """Live: hand a batch to the worker without ever waiting."""
         if self.failed:
             return
         try:
-            self.queue.put_nowait(df)
+            self.queue.put_nowait((hook, df))
         except queue.Full:
-            self.skipped_rows += len(df)
+            if hook == "batch":
+                self.skipped_rows += len(df)
+            else:
+                self.skipped_ioctls += len(df)
 
     def work(self) -> None:
         next_tick = time.monotonic() + self.host.tick_s
         while True:
             try:
-                df = self.queue.get(timeout=max(0.0, next_tick - time.monotonic()))
+                item = self.queue.get(timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
                 pass
             else:
-                if df is None:
+                if item is None:
                     return
-                self.feed(df)
+                hook, df = item
+                self.feed(df, hook)
             if self.reset_due:
                 self.reset_due = False
                 self.call("reset", self.plugin.reset)
@@ -150,20 +159,27 @@ class PluginSink:
         self.results: dict[str, dict[str, pd.DataFrame]] = {}
 
     def write(self, faults: pd.DataFrame) -> None:
-        if faults.empty:
+        self._hand(faults, "batch")
+
+    def write_ioctls(self, ioctls: pd.DataFrame) -> None:
+        self._hand(ioctls, "ioctls")
+
+    def _hand(self, df: pd.DataFrame, hook: str) -> None:
+        if df.empty:
             return
         for h in self._hosted:
             if self.live:
-                h.offer(faults)
+                h.offer(df, hook)
             else:
-                h.feed(faults)
+                h.feed(df, hook)
 
     def close(self) -> None:
         for h in self._hosted:
             h.finish()
-            if h.skipped_rows:
-                print(f"uffdtrace: plugin {h.name} fell behind: {h.skipped_rows} fault rows "
-                      "skipped", file=self.err)
+            if h.skipped_rows or h.skipped_ioctls:
+                ioctls = f" and {h.skipped_ioctls} ioctl rows" if h.skipped_ioctls else ""
+                print(f"uffdtrace: plugin {h.name} fell behind: {h.skipped_rows} fault rows"
+                      f"{ioctls} skipped", file=self.err)
         self.results = {h.name: h.results for h in self._hosted if h.results}
         if self.out_dir is not None:
             write_tables(self.results, self.out_dir)
