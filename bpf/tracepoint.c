@@ -11,6 +11,7 @@
 //   UWAKE_START, UWAKE_END        [start, end) of userfaultfd_wake_function
 //   UFFD_READ_ITER                address of userfaultfd_read_iter (a uffd file's read_iter)
 //   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
+//   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
 //   TRACE_ALL                     every process instead of the `tracked` set
 //   FOLLOW_CHILDREN               children of tracked processes become tracked
 //   RINGBUF_PAGES, MAX_THREADS    sizes
@@ -39,15 +40,17 @@
 // message reader's), so every change to them is an atomic OR / AND.
 //
 // No per-fault kernel stacks (they cost ~0.7 us each here): one stack is sampled per
-// (process, 2 MiB region), the first time a fault there is seen inside handle_userfault (T
-// notifying its handler, or switched out), and user space classifies the caller of
-// handle_userfault (hugetlb / shmem / anon path) from it.
+// (process, 2 MiB region, generation of the process's mappings), the first time a fault there
+// is seen inside handle_userfault (T notifying its handler, or switched out), and user space
+// classifies the caller of handle_userfault (hugetlb / shmem / anon path) from it. The
+// generation changes whenever the process's mappings do (ma_write), so memory mapped anew at
+// the same addresses is classified anew.
 
 #include <uapi/linux/ptrace.h>
 
 #define TASK_INTERRUPTIBLE 1
 
-enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
+enum event_type { EV_FAULT = 1, EV_IOCTL = 2 };
 
 // FAULT flags
 #define F_NOTIFIED 1       // T woke a task while in the fault (the uffd notify)
@@ -65,6 +68,9 @@ enum event_type { EV_FAULT = 1, EV_IOCTL = 2, EV_MSG = 3 };
 #define F_SHMEM 4096       // ... through shmem's fault handler (KPROBE_BACKEND)
 #define F_ACTIVE 8192      // the entry holds a fault in flight (never in a record)
 #define F_BLOCKED_AT_END 16384  // set by user space: T was still asleep in the fault when tracing ended
+#define F_RELEASED 32768   // woken by its userfaultfd's release (closed, or its last holder exited),
+                           // not by an ioctl (TRACK_IOCTLS)
+#define F_SIGNALLED 65536  // woken by neither a uffd ioctl nor the release: a signal (TRACK_IOCTLS)
 // Which in-flight faults are uffd faults, and get a record when they end.
 #ifdef KPROBE_BACKEND
 #define F_RECORDED F_UFFD             // handle_userfault itself says so
@@ -88,27 +94,28 @@ enum lost_reason { LOST_RINGBUF = 0, LOST_INFLIGHT_FULL = 1, LOST_IOCTL_FULL = 2
 // One fixed-size record for every type, so user space decodes the ring buffer with one numpy view.
 struct event {
     u8 type;
-    u8 nr;           // IOCTL: _IOC_NR(cmd); MSG: event code; FAULT: nr of the waker's ioctl
-    u16 flags;
+    u8 nr;           // IOCTL: _IOC_NR(cmd); FAULT: nr of the waker's ioctl
+    u16 woken;       // IOCTL: faults of traced threads this ioctl woke
+    u32 flags;       // FAULT: F_*  IOCTL: IO_*
     u32 pid;
     u32 tid;
-    u32 peer_pid;    // FAULT: waker; IOCTL/MSG: 0
+    u32 peer_pid;    // FAULT: waker; IOCTL: 0
     u32 peer_tid;
     u32 notify_tid;  // FAULT: task T woke while faulting (its handler)
-    u32 woken;       // IOCTL: faults of traced threads this ioctl woke
-    u64 t0;          // FAULT: fault_ns     IOCTL: enter_ns   MSG: msg_ns
+    u32 gen;         // FAULT: mapping generation of its region's sampled stack (`regions` key)
+    u64 t0;          // FAULT: fault_ns     IOCTL: enter_ns
     u64 t1;          // FAULT: block_ns     IOCTL: exit_ns
     u64 t2;          // FAULT: wake_ns      IOCTL: time inside the mcopy/mfill function
     u64 t3;          // FAULT: resume_ns    IOCTL: time inside PTE-install functions
     u64 t4;          // FAULT: msg_ns
     u64 t5;          // FAULT: enter_ns of the waker's in-flight uffd ioctl
     u64 t6;          // FAULT: return_ns (back to user space)
-    u64 addr;        // FAULT: address      IOCTL: range start  MSG: address
-    u64 len;         // FAULT: error code   IOCTL: range length MSG: pagefault flags
-    u64 x;           // FAULT: msg flags    IOCTL: mode         MSG: ptid
+    u64 addr;        // FAULT: address      IOCTL: range start
+    u64 len;         // FAULT: error code   IOCTL: range length
+    u64 x;           // FAULT: msg flags    IOCTL: mode
     s64 ret;         // FAULT: msg reader tid  IOCTL: return value
     s64 mapped;      // IOCTL: mapped / copy / zeropage field  FAULT: handle_userfault's reason
-    u64 mm;          // FAULT: T's address space  IOCTL, MSG: the one the userfaultfd serves
+    u64 mm;          // FAULT: T's address space  IOCTL: the one the userfaultfd serves
     char comm[16];
 };
 
@@ -118,6 +125,7 @@ struct fault_state {
     u64 regs, ip;  // T's saved user registers and the faulting instruction
     u64 reason;    // handle_userfault's reason (KPROBE_BACKEND)
     u64 sampled;   // 1 + the last 2 MiB region of T's seen in `regions` (kept across faults)
+    u32 gen;       // ... under this generation of T's process's mappings
     u64 mm;        // T's address space
     u64 flags;     // F_*, changed with atomics only (several CPUs write them)
     u32 tgid, waker_pid, waker_tid, notify_tid, notify_tgid, msg_tid;
@@ -133,7 +141,7 @@ struct ioctl_state {
     u8 install_depth;
 };
 
-struct region_key { u32 tgid; u32 pad; u64 region; };
+struct region_key { u32 tgid; u32 gen; u64 region; };
 struct region_stack { u64 frames[6]; };  // callers of handle_userfault, innermost first
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -141,6 +149,9 @@ BPF_PERCPU_ARRAY(lost, u64, LOST_REASONS);
 BPF_HASH(tracked, u32, u8, 4096);                       // tgid -> 1 target, 2 handler
 BPF_HASH(inflight, u32, struct fault_state, MAX_THREADS);
 BPF_TABLE("lru_hash", struct region_key, struct region_stack, regions, 65536);
+// tgid -> generation of its mappings: bumped when they change, so that a region mapped anew
+// (other memory at the same addresses) is sampled anew.
+BPF_TABLE("lru_hash", u32, u32, mapping_gen, 65536);
 BPF_HISTOGRAM(stall_hist, int, 64);                     // log2 us buckets, QEMU-style
 BPF_HISTOGRAM(continue_hist, int, 64);
 BPF_HASH(uffd_events, u64, u64, 4096);                  // (tgid << 32 | event) -> count (FULL_MODE)
@@ -239,6 +250,58 @@ static __always_inline u64 uffd_of_fd(u32 fd) {
 
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning);
 
+#ifdef FULL_MODE
+// Fault messages that named no thread (handlers without UFFD_FEATURE_THREAD_ID), or none in
+// flight, held by (address space, address as the message gives it) until a fault of that page
+// ends and claims them: a message read after the fault began is that fault's.
+struct loose_key { u64 mm, addr; };
+struct loose_msg { u64 msg_ns, flags; u32 reader_tid; };
+BPF_TABLE("lru_hash", struct loose_key, struct loose_msg, loose_msgs, 65536);
+enum loose_counter { LOOSE_HELD = 0, LOOSE_CLAIMED = 1 };
+BPF_ARRAY(loose, u64, 2);  // messages held now (checked before any lookup), claimed so far
+
+static __always_inline void count_loose(int which, s64 delta) {
+    u64 *n = loose.lookup(&which);
+    if (n)
+        __sync_fetch_and_add(n, delta);
+}
+
+// st's fault has ended: give it its held message, if one was read while it was in flight.
+static __always_inline void claim_msg(struct fault_state *st) {
+    int held = LOOSE_HELD;
+    u64 *n = loose.lookup(&held);
+    if (!n || !*n || (st->flags & F_MSG))
+        return;
+    // the message names the base page, the huge page, or (UFFD_FEATURE_EXACT_ADDRESS) the address
+    u64 addrs[3] = {st->addr & ~0xfffULL, st->addr & ~0x1fffffULL, st->addr};
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        struct loose_key key = {.mm = st->mm, .addr = addrs[i]};
+        struct loose_msg *m = loose_msgs.lookup(&key);
+        if (!m || m->msg_ns < st->fault_ns)
+            continue;
+        struct loose_msg msg = *m;
+        if (loose_msgs.delete(&key))
+            continue;  // claimed by another CPU meanwhile
+        count_loose(LOOSE_HELD, -1);
+        count_loose(LOOSE_CLAIMED, 1);
+        st->msg_ns = msg.msg_ns;
+        st->msg_flags = msg.flags;
+        st->msg_tid = msg.reader_tid;
+        set_flags(st, F_MSG);
+        return;
+    }
+}
+#else
+static __always_inline void claim_msg(struct fault_state *st) {}
+#endif
+
+// st's fault has ended: is it one to record?
+static __always_inline bool ended_recorded(struct fault_state *st) {
+    claim_msg(st);
+    return st->flags & F_RECORDED;
+}
+
 // page fault in user mode: (unsigned long address, struct pt_regs *regs, unsigned long error_code)
 RAW_TRACEPOINT_PROBE(page_fault_user) {
     u64 id = bpf_get_current_pid_tgid();
@@ -249,9 +312,10 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
         return 0;
     struct fault_state st = {.fault_ns = bpf_ktime_get_ns(), .flags = F_ACTIVE};
     if (prev) {
-        if (is_active(prev) && (prev->flags & F_RECORDED))
+        if (is_active(prev) && ended_recorded(prev))
             emit_fault(prev, id >> 32, tid, false);  // a new fault: the last one has certainly ended
         st.sampled = prev->sampled;
+        st.gen = prev->gen;
     }
     st.tgid = id >> 32;
     st.addr = ctx->args[0];
@@ -280,10 +344,13 @@ static __always_inline bool still_in_fault(struct fault_state *st) {
 
 // Make sure T's fault region has a sampled stack; in T's context, inside its fault.
 static __always_inline void sample_region(void *ctx, struct fault_state *st) {
+    u32 *current_gen = mapping_gen.lookup(&st->tgid);
+    u32 gen = current_gen ? *current_gen : 0;
     u64 region = st->addr >> 21;
-    if (st->sampled == region + 1)
+    if (st->sampled == region + 1 && st->gen == gen)
         return;
-    struct region_key key = {.tgid = st->tgid, .region = region};
+    struct region_key key = {.tgid = st->tgid, .gen = gen, .region = region};
+    st->gen = gen;  // the record names the key of its region's stack
     if (regions.lookup(&key)) {
         st->sampled = region + 1;
         return;
@@ -333,6 +400,7 @@ static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid,
     e->peer_pid = st->waker_pid;
     e->peer_tid = st->waker_tid;
     e->notify_tid = st->notify_tid;
+    e->gen = st->gen;
     e->t0 = st->fault_ns;
     e->t1 = st->block_ns;
     e->t2 = st->wake_ns;
@@ -361,7 +429,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     if (is_active(st)) {
         if (!still_in_fault(st)) {
             // The fault has ended (T is off CPU for something else now).
-            if (st->flags & F_RECORDED)
+            if (ended_recorded(st))
                 emit_fault(st, id >> 32, prev_tid, false);
             clear_flags(st, F_ACTIVE);
         } else if (st->flags & F_RESUMED) {
@@ -491,23 +559,28 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     st->wake_ns = now;
     st->waker_pid = id >> 32;
     st->waker_tid = cur_tid;
+    u64 woken_by = F_WOKEN;
 #ifdef TRACK_IOCTLS
     struct ioctl_state *io = ioctl_in_flight(cur_tid);
     if (io) {
         st->ioctl_enter_ns = io->enter_ns;
         st->ioctl_nr = io->cmd & 0xff;
         io->woken++;  // the waker's own state: no other CPU writes it
+    } else {
+        // Not a uffd ioctl (rare: no stack on the hot path): the context's release, or a signal.
+        woken_by |= in_uffd_wake(ctx) ? F_RELEASED : F_SIGNALLED;
     }
 #endif
 #ifndef TRACE_ALL
-    track_handler(id >> 32);  // the resolver's process (it may live elsewhere) joins the traced set
+    if (!(woken_by & F_SIGNALLED))
+        track_handler(id >> 32);  // the resolver's process (it may live elsewhere) joins the traced set
 #endif
     if (!(st->flags & F_BLOCKED)) {
         // Resolved before T ever left the CPU: it runs on from here.
         st->resume_ns = now;
-        set_flags(st, F_WOKEN | F_WOKEN_ON_CPU | F_RESUMED);
+        set_flags(st, woken_by | F_WOKEN_ON_CPU | F_RESUMED);
     } else {
-        set_flags(st, F_WOKEN);
+        set_flags(st, woken_by);
     }
     return 0;
 }
@@ -522,11 +595,26 @@ RAW_TRACEPOINT_PROBE(rseq_update) {
     // about once in a million faults here: the fault still ends here, without resume_ns.)
     if (!is_active(st) || !(st->flags & F_WOKEN))
         return 0;
-    if (st->flags & F_RECORDED)
+    if (ended_recorded(st))
         emit_fault(st, id >> 32, tid, true);
     clear_flags(st, F_ACTIVE);
     return 0;
 }
+
+#ifdef MAPPINGS_TRACEPOINT
+// (const char *fn, struct ma_state *mas, unsigned long piv, void *val): a maple tree written,
+// as a process's VMA tree is by mmap, munmap, mprotect... (other trees only cost a re-sample).
+RAW_TRACEPOINT_PROBE(ma_write) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_tracked(tgid))
+        return 0;
+    u32 first = 1;
+    u32 *gen = mapping_gen.lookup_or_try_init(&tgid, &first);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+    return 0;
+}
+#endif
 
 // (struct task_struct *parent, struct task_struct *child). Threads share the tgid, so only new
 // processes need adding.
@@ -551,12 +639,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
     if (is_active(st)) {
         // Still inside the fault (it never returned to user space): whatever woke T (a fatal
         // signal, the process's exit) did not resolve it, even if it ran again.
+        bool recorded = ended_recorded(st);
         if (still_in_fault(st)) {
             if (st->flags & F_RECORDED_AT_EXIT) {
                 set_flags(st, F_EXITED);
                 emit_fault(st, id >> 32, tid, false);
             }
-        } else if (st->flags & F_RECORDED) {
+        } else if (recorded) {
             emit_fault(st, id >> 32, tid, false);
         }
     }
@@ -681,36 +770,31 @@ static __always_inline bool msg_names(struct fault_state *st, u64 addr) {
     return addr == (st->addr & ~0xfffULL) || addr == (st->addr & ~0x1fffffULL) || addr == st->addr;
 }
 
-// One message of a handler's read: a fault's goes to its in-flight state when the message
-// names its thread (UFFD_FEATURE_THREAD_ID) and page; anything else (handlers without
-// THREAD_ID, non-fault events, faults of untraced threads) to user space.
+// One message of a handler's read. A fault's goes to its in-flight state when it names its
+// thread (UFFD_FEATURE_THREAD_ID) and page, else it is held for the fault of its page to claim
+// when it ends; other events are counted per process.
 static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 mm, u64 *m) {
     u8 event = m[0] & 0xff;
-    u32 ptid = (u32)m[3];
-    if (event == UFFD_EVENT_PAGEFAULT && ptid) {
-        struct fault_state *st = inflight.lookup(&ptid);
-        if (is_active(st) && !st->msg_ns && st->mm == mm && msg_names(st, m[2])) {
-            st->msg_ns = now;
-            st->msg_flags = m[1];
-            st->msg_tid = tid;
-            set_flags(st, F_MSG);
-            return;
-        }
-    }
     if (event != UFFD_EVENT_PAGEFAULT) {
         u64 key = ((u64)tgid << 32) | event;
         uffd_events.increment(key);
-    }
-    struct event *e = new_event(EV_MSG, tgid, tid);
-    if (!e)
         return;
-    e->nr = event;
-    e->t0 = now;
-    e->addr = m[2];
-    e->len = m[1];
-    e->x = ptid;
-    e->mm = mm;
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    }
+    u32 ptid = (u32)m[3];
+    struct fault_state *st = ptid ? inflight.lookup(&ptid) : NULL;
+    if (is_active(st) && !st->msg_ns && st->mm == mm && msg_names(st, m[2])) {
+        st->msg_ns = now;
+        st->msg_flags = m[1];
+        st->msg_tid = tid;
+        set_flags(st, F_MSG);
+        return;
+    }
+    struct loose_key key = {.mm = mm, .addr = m[2]};
+    struct loose_msg msg = {.msg_ns = now, .flags = m[1], .reader_tid = tid};
+    if (!loose_msgs.insert(&key, &msg))
+        count_loose(LOOSE_HELD, 1);
+    else
+        loose_msgs.update(&key, &msg);  // a newer message of the same page replaces the held one
 }
 
 // Fully unrolled, without early exits: older verifiers (Linux 6.1) give up on the same code

@@ -9,6 +9,8 @@ an empty CSV cell), never invented: integer columns use pandas' nullable Int64.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 # name -> (pandas dtype, meaning). Order is the CSV column order.
@@ -46,9 +48,11 @@ FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "return_ns": ("Int64", "instant the thread returned to user space, the fault done "
                   "(needs rseq, which glibc registers)"),
     "outcome": ("string", "resolved | no_wait (full mode: resolved before the thread had to "
-                "sleep; no resume) | unresolved_exit (the thread exited inside the fault: killed, "
-                "or its process ended) | unresolved_end (still asleep in the fault when tracing "
-                "ended)"),
+                "sleep; no resume) | released (full mode: woken by its userfaultfd's release, the "
+                "handler having closed it or exited, not by an ioctl) | interrupted (full mode: "
+                "woken by a signal; the thread faults again) | unresolved_exit (the thread exited "
+                "inside the fault: killed, or its process ended) | unresolved_end (still asleep "
+                "in the fault when tracing ended)"),
 }
 
 # name -> (pandas dtype, meaning): one row per uffd ioctl of a traced process (full mode).
@@ -73,6 +77,16 @@ IOCTL_COLUMNS: dict[str, tuple[str, str]] = {
     "install_ns": ("Int64", "time inside its PTE-install functions (kprobe backend)"),
     "exit_ns": ("Int64", "instant the ioctl returned"),
 }
+
+
+@dataclass(frozen=True)
+class BlockedFault:
+    """A fault whose thread is asleep in it right now, waiting for its handler (live only)."""
+
+    pid: int
+    tid: int
+    addr: int
+    fault_ns: int
 
 
 def empty_faults(columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> pd.DataFrame:

@@ -4,8 +4,6 @@
 A fault record is complete in the kernel except for what comes later or from elsewhere:
 - the exit of the ioctl that woke it (duration, return value, `mapped`), joined by the
   waker's thread and the ioctl's entry instant;
-- its message, when the handler did not ask for UFFD_FEATURE_THREAD_ID: such messages name
-  no thread, so they are matched here by (address space, page) and time;
 - its resolver, when it never had to sleep (`no_wait`: the page was mapped before the thread
   slept, so no wakeup names the ioctl): the first ioctl of its address space that mapped its
   page after the fault began.
@@ -31,11 +29,12 @@ from uffdtrace.probes.paths import BASE_PAGE, Paths, huge_page_size
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
-    EV_MSG,
     F_BLOCKED_AT_END,
     F_EXITED,
     F_MSG,
+    F_RELEASED,
     F_RESUMED,
+    F_SIGNALLED,
     F_WOKEN,
     IO_HUGETLB,
     IO_MFILL,
@@ -50,8 +49,7 @@ RESOLVERS = {"CONTINUE", "COPY", "ZEROPAGE", "WAKE"}
 NR_REGISTER, NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE, NR_API = 0x00, 0x02, 0x03, 0x04, 0x07, 0x3F
 RESOLVING_NRS = [NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE]
 IOCTL_BY_NR = np.array([UFFDIO_NAMES.get(nr, f"nr{nr:#x}") for nr in range(256)], dtype=object)
-UFFD_EVENT_PAGEFAULT = 0x12
-MEMORY_NS = 5_000_000_000  # how long ioctl exits and unmatched messages wait for their faults
+MEMORY_NS = 5_000_000_000  # how long ioctl exits wait for their faults
 NO_WAIT_PATIENCE_NS = 1_000_000_000  # how long a no_wait fault waits for the ioctl that mapped it
 SCAN_CHUNK = 4096
 
@@ -62,7 +60,6 @@ EXIT_COLUMNS = {"handler_tid": "Int64", "cont_enter_ns": "Int64", "cont_exit_ns"
 # What else is kept of each resolving ioctl, to find the one that mapped a no_wait fault's page.
 EXIT_RANGE_COLUMNS = {"handler_pid": "int64", "nr": "int64", "mm": "uint64", "start": "uint64",
                       "end": "uint64", "ok": "bool"}
-MESSAGE_COLUMNS = {"mm": "uint64", "page": "uint64", "msg_ns": "int64", "msg_flags": "uint64"}
 
 
 @dataclass(frozen=True)
@@ -71,15 +68,6 @@ class Batch:
 
     faults: pd.DataFrame
     ioctls: pd.DataFrame
-
-
-@dataclass
-class MessageMatching:
-    """Fault messages that the kernel side could not give to a fault by thread id (handlers
-    without UFFD_FEATURE_THREAD_ID, or a message read after its fault ended)."""
-
-    matched: int = 0  # given to a fault here, by address space and page
-    unmatched: int = 0  # no traced fault of that page in flight (an untraced thread's, or late)
 
 
 def _frame(columns: dict[str, str]) -> pd.DataFrame:
@@ -100,9 +88,7 @@ class Assembler:
     pending: pd.DataFrame = field(default_factory=_no_pending)
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
     register_ranges: list[dict] = field(default_factory=list)
-    messages: MessageMatching = field(default_factory=MessageMatching)
     _exits: pd.DataFrame = field(default_factory=lambda: _frame({**EXIT_COLUMNS, **EXIT_RANGE_COLUMNS}))
-    _msgs: pd.DataFrame = field(default_factory=lambda: _frame(MESSAGE_COLUMNS))
     _now: int = 0  # the newest instant seen in any record
 
     def feed(self, raw: np.ndarray) -> Batch:
@@ -110,17 +96,13 @@ class Assembler:
         if len(raw):
             self._now = max(self._now, int(raw["t0"].max()))
         ioctls = self._take_ioctls(raw[raw["type"] == EV_IOCTL])
-        self._take_messages(raw[raw["type"] == EV_MSG])
         faults = self._faults(raw[raw["type"] == EV_FAULT])
         return Batch(self._release(pd.concat([self.pending, faults], ignore_index=True), final=False),
                      ioctls)
 
     def finish(self) -> Batch:
         """End of stream: release everything still waiting, with what is known."""
-        faults = self._release(self.pending, final=True)
-        self.messages.unmatched += len(self._msgs)
-        self._msgs = self._msgs.iloc[0:0]
-        return Batch(faults, empty_ioctls())
+        return Batch(self._release(self.pending, final=True), empty_ioctls())
 
     # -- ioctls -------------------------------------------------------------------------
 
@@ -185,46 +167,6 @@ class Assembler:
             self._exits = pd.concat([self._exits, exits], ignore_index=True)
         return rows
 
-    # -- messages -----------------------------------------------------------------------
-
-    def _take_messages(self, msgs: np.ndarray) -> None:
-        faults = msgs[msgs["nr"] == UFFD_EVENT_PAGEFAULT]
-        if len(faults):
-            self._msgs = pd.concat([self._msgs, pd.DataFrame({
-                "mm": faults["mm"], "page": faults["addr"], "msg_ns": faults["t0"].astype(np.int64),
-                "msg_flags": faults["len"]})], ignore_index=True)
-        old = self._msgs["msg_ns"].to_numpy() < self._now - MEMORY_NS
-        if old.any():
-            self.messages.unmatched += int(old.sum())
-            self._msgs = self._msgs[~old].reset_index(drop=True)
-
-    def _match_messages(self, df: pd.DataFrame) -> None:
-        """Give each fault without a message the first unmatched message of its address space
-        and page read while it was in flight (before its resolving ioctl, else its wakeup)."""
-        need = df["msg_ns"].isna().to_numpy()
-        if not need.any() or self._msgs.empty:
-            return
-        cand = pd.DataFrame({
-            "row": df.index[need],
-            "mm": df["mm"].to_numpy()[need].astype(np.uint64),
-            "fault_ns": df["fault_ns"].to_numpy(dtype=np.int64, na_value=0)[need],
-            "until": df["cont_enter_ns"].fillna(df["wake_ns"]).to_numpy(
-                dtype=np.int64, na_value=np.iinfo(np.int64).max)[need],
-        })
-        addr = df["addr"].to_numpy(dtype=np.int64)[need].astype(np.uint64)
-        msgs = self._msgs.reset_index(names="msg")
-        hits = pd.concat([cand.assign(page=addr & ~np.uint64(mask)).merge(msgs, on=["mm", "page"])
-                          for mask in (0xFFF, 0x1FFFFF)], ignore_index=True)
-        hits = hits[(hits["msg_ns"] >= hits["fault_ns"]) & (hits["msg_ns"] <= hits["until"])]
-        hits = hits.sort_values("msg_ns").drop_duplicates("row").drop_duplicates("msg")
-        if hits.empty:
-            return
-        rows = hits["row"].to_numpy()
-        df.loc[rows, "msg_ns"] = hits["msg_ns"].to_numpy()
-        df.loc[rows, "kind"] = _kind_of_message(hits["msg_flags"].to_numpy())
-        self._msgs = self._msgs.drop(index=hits["msg"].to_numpy())
-        self.messages.matched += len(hits)
-
     # -- faults -------------------------------------------------------------------------
 
     def _faults(self, f: np.ndarray) -> pd.DataFrame:
@@ -238,8 +180,9 @@ class Assembler:
             return s.where(mask)
 
         flags = f["flags"]
-        # A thread that exited or was still asleep in the fault was not resolved, whoever woke it.
-        unresolved = (flags & (F_EXITED | F_BLOCKED_AT_END)) != 0
+        # Not resolved, whoever woke the thread: it exited in the fault, was still asleep in it,
+        # or was woken by its userfaultfd's release or by a signal.
+        unresolved = (flags & (F_EXITED | F_BLOCKED_AT_END | F_RELEASED | F_SIGNALLED)) != 0
         waker_ioctl = instant(f["t5"]).where(~unresolved)
         df = pd.DataFrame({
             "fault_ns": instant(f["t0"]),
@@ -255,9 +198,9 @@ class Assembler:
             "return_ns": instant(f["t6"]),
             "handler_pid": instant(f["peer_pid"]).where(~unresolved),
             "handler_tid": instant(f["peer_tid"]).where(~unresolved),
-            "outcome": np.select([(flags & F_BLOCKED_AT_END) != 0, (flags & F_EXITED) != 0,
-                                  (flags & F_WOKEN) != 0],
-                                 ["unresolved_end", "unresolved_exit", "resolved"], "no_wait"),
+            "outcome": np.select(
+                [(flags & f) != 0 for f in (F_BLOCKED_AT_END, F_EXITED, F_RELEASED, F_SIGNALLED, F_WOKEN)],
+                ["unresolved_end", "unresolved_exit", "released", "interrupted", "resolved"], "no_wait"),
             "mm": f["mm"],
         })
         df["outcome"] = df["outcome"].astype("string")
@@ -287,7 +230,6 @@ class Assembler:
             self._exits[[*keys, *joined]], on=keys, how="left")
         if self.sees_ioctls:
             self._find_resolvers(df)
-            self._match_messages(df)
         # A fault whose own path is unknown takes the backing its resolver installed into.
         unknown = df["backing"].isna() & df["install_backing"].notna()
         if unknown.any():

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from uffdtrace.events import BlockedFault
 from uffdtrace.pipeline import Assembler, Batch
 from uffdtrace.probes.backends import resolve
 from uffdtrace.probes.bpfstats import BpfStats
@@ -29,7 +30,8 @@ from uffdtrace.summary import FaultStats
 from uffdtrace.targets import uffd_holders, uffd_inodes, uffd_ranges
 
 DRAIN_INTERVAL_S = 0.05
-RESCAN_INTERVAL_S = 1.0
+RESCAN_INTERVAL_S = 1.0  # new handler processes, faults blocked now
+STUCK_AFTER_S = 1.0  # a fault blocked this long is reported while the session runs
 BACKLOG_RECORDS = 2_000_000  # drained, not yet assembled (~270 MB): beyond it the ring fills
 
 
@@ -44,6 +46,9 @@ class Session:
     _stop: threading.Event = field(default_factory=threading.Event)
     _bpf_stats: BpfStats = field(default_factory=BpfStats)
     backend: TracepointBackend | None = None
+    blocked: list[BlockedFault] = field(default_factory=list)  # as of the last scan, oldest first
+    on_stuck: Callable[[BlockedFault, float], None] | None = None  # once per fault blocked too long
+    _reported_stuck: set[tuple[int, int]] = field(default_factory=set)
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -88,6 +93,7 @@ class Session:
                     self._feed(batch)
                 if time.monotonic() >= next_scan:
                     self._add_handlers()
+                    self._scan_blocked()
                     next_scan = time.monotonic() + RESCAN_INTERVAL_S
         finally:
             stop_draining.set()
@@ -98,6 +104,17 @@ class Session:
         if rest is not None:
             self._feed(rest)
         self.poll()
+
+    def _scan_blocked(self) -> None:
+        self.blocked = self.backend.blocked_now()
+        if self.on_stuck is None:
+            return
+        now = time.monotonic_ns()
+        for fault in self.blocked:
+            age_s = (now - fault.fault_ns) / 1e9
+            if age_s >= STUCK_AFTER_S and (fault.tid, fault.fault_ns) not in self._reported_stuck:
+                self._reported_stuck.add((fault.tid, fault.fault_ns))
+                self.on_stuck(fault, age_s)
 
     def _drain(self, backlog: _Backlog, done: threading.Event) -> None:
         try:
@@ -144,7 +161,7 @@ class Session:
                     "registers": self.assembler.register_ranges,
                     "ranges_at_start": self.ranges_at_start,
                     "ioctls": self.assembler.ioctl_counts,
-                    "messages": self.assembler.messages,
+                    "messages": self.backend.loose_messages(),
                 }
         finally:
             for sink in self.sinks:

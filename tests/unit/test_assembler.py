@@ -1,7 +1,7 @@
 """The assembler on synthetic BPF records: no kernel, no root.
 
 Each case builds the raw records a race or a foreign handler produces and checks the rows:
-what joins a fault to its resolving ioctl, its message and its errno.
+what joins a fault to its resolving ioctl and its errno.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from uffdtrace.probes.paths import paths_frame
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
-    EV_MSG,
     EVENT_DTYPE,
     F_BLOCKED,
     F_BLOCKED_AT_END,
@@ -29,7 +28,7 @@ MM = 0xFFFF888123456789  # a kernel pointer: exact only as uint64
 OTHER_MM = 0xFFFF888100000040
 PAGE = 0x7F0000010000
 NR_CONTINUE, NR_COPY = 0x07, 0x03
-MINOR, PAGEFAULT = 4, 0x12
+MINOR = 4
 MS = 1_000_000
 
 
@@ -58,17 +57,12 @@ def ioctl(t0: int, t1: int, tid: int = 21, nr: int = NR_CONTINUE, start: int = P
             "woken": woken, "comm": b"handler"}
 
 
-def message(t0: int, addr: int = PAGE, mm: int = MM, ptid: int = 0) -> dict:
-    return {"type": EV_MSG, "pid": 20, "tid": 21, "nr": PAGEFAULT, "t0": t0, "addr": addr,
-            "len": MINOR, "x": ptid, "mm": mm}
-
-
-def run(*batches: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, Assembler]:
+def run(*batches: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     asm = Assembler("full", shmem_minor, sees_ioctls=True)
     out = [asm.feed(b) for b in batches] + [asm.finish()]
     faults = pd.concat([b.faults for b in out], ignore_index=True)
     ioctls = pd.concat([b.ioctls for b in out], ignore_index=True)
-    return faults, ioctls, asm
+    return faults, ioctls
 
 
 def woken(t0: int, enter: int, **kw) -> dict:
@@ -82,7 +76,7 @@ def test_a_resolved_fault_takes_its_ioctls_exit_and_errno_only_from_it():
     """A repeated CONTINUE on the page (EEXIST) after the one that woke the thread is not
     charged to the fault: it appears as its own ioctl row."""
     t = 1000 * MS
-    faults, ioctls, _ = run(records(
+    faults, ioctls = run(records(
         ioctl(t + 10_000, t + 12_000, woken=1),
         woken(t, t + 10_000),
         ioctl(t + 12_500, t + 13_000, ret=-17),
@@ -96,9 +90,11 @@ def test_a_resolved_fault_takes_its_ioctls_exit_and_errno_only_from_it():
 def test_a_fault_that_never_slept_is_given_the_ioctl_that_mapped_its_page():
     """The CONTINUE mapped the page before the thread slept, so no wakeup names it: the
     first ioctl of the same address space over the page, after the fault began, did it.
-    One of another address space at the same address, and a failed one, did not."""
+    One of another address space at the same address, and a failed one, did not. The fault
+    waits for it across batches, its address space exact (a kernel pointer: in a float
+    column its low bits would be lost and nothing would match)."""
     t = 1000 * MS
-    faults, _, _ = run(
+    faults, _ = run(
         records(fault(t, flags=F_MSG, t4=t + 5_000, x=MINOR),
                 ioctl(t + 6_000, t + 7_000, tid=22, mm=OTHER_MM),
                 ioctl(t + 6_500, t + 7_500, tid=23, ret=-17)),
@@ -118,40 +114,11 @@ def test_a_no_wait_fault_waits_for_its_ioctl_then_gives_up():
     assert row.outcome == "no_wait" and pd.isna(row.resolver)
 
 
-def test_messages_without_thread_id_are_matched_by_address_space_and_page():
-    """UFFD_FEATURE_THREAD_ID off: messages carry no thread. Each goes to the fault of its
-    address space and page in flight when it was read; one of another address space or read
-    before the fault began goes to none (counted)."""
-    t = 1000 * MS
-    faults, _, asm = run(
-        records(message(t - 100), message(t + 2_000, mm=OTHER_MM), message(t + 3_000),
-                message(t + 3_500, addr=PAGE + 4096)),
-        records(ioctl(t + 10_000, t + 12_000, woken=1), woken(t, t + 10_000),
-                ioctl(t + 20_000, t + 21_000, start=PAGE + 4096, tid=22, woken=1),
-                woken(t + 1_000, t + 20_000, tid=12, addr=PAGE + 4096 + 8, peer_tid=22)),
-    )
-    faults = faults.set_index("tid")
-    assert faults.loc[11, "msg_ns"] == t + 3_000 and faults.loc[12, "msg_ns"] == t + 3_500
-    assert faults.loc[11, "handler_ns"] == 7_000 and faults.loc[11, "kind"] == "minor"
-    assert (asm.messages.matched, asm.messages.unmatched) == (2, 2)
-
-
-def test_address_spaces_stay_exact_in_pending_rows():
-    """Kernel pointers kept in a float column lose their low bits and match nothing: a fault
-    that waited for its ioctl's exit across batches still finds its message."""
-    t = 1000 * MS
-    faults, _, asm = run(
-        records(message(t + 3_000), woken(t, t + 10_000)),
-        records(ioctl(t + 10_000, t + 12_000, woken=1)),
-    )
-    assert faults["msg_ns"].tolist() == [t + 3_000] and asm.messages.matched == 1
-
-
 def test_unresolved_faults_name_no_resolver():
     """Killed inside the fault, or still asleep when tracing ended: whoever woke the thread
     (a signal, the exiting process) did not resolve it."""
     t = 1000 * MS
-    faults, _, _ = run(records(
+    faults, _ = run(records(
         fault(t, tid=11, flags=F_BLOCKED | F_SLEPT | F_WOKEN | F_RESUMED | F_EXITED, t1=t + 10,
               t2=t + 5 * MS, t3=t + 6 * MS, peer_pid=99, peer_tid=99),
         fault(t, tid=12, flags=F_BLOCKED | F_SLEPT | F_BLOCKED_AT_END, t1=t + 10),
@@ -162,6 +129,6 @@ def test_unresolved_faults_name_no_resolver():
 
 
 def test_batch_type():
-    faults, ioctls, _ = run(records())
+    faults, ioctls = run(records())
     assert faults.empty and ioctls.empty
     assert isinstance(Assembler("light", shmem_minor, sees_ioctls=False).finish(), Batch)

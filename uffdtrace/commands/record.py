@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {e.filename}: {e.strerror}") from e
     session = Session(args.mode, scope, [*sinks, *([plugin_sink] if plugin_sink else [])],
                       requested_backend=args.backend)
+    session.on_stuck = lambda f, age_s: print(
+        f"uffdtrace: a fault has been blocked for {age_s:.1f} s: pid {f.pid} tid {f.tid} address "
+        f"{f.addr:#x} (is its handler alive?)", file=sys.stderr, flush=True)
     stop_on_signals(session)
     try:
         session.start()
@@ -139,8 +142,8 @@ def build_summary(session: Session, info: dict, mode: str, launched) -> dict:
         "uffd_ranges_at_start": info.get("ranges_at_start", []),
         "ioctls": [{"ioctl": name, "errno": err, "count": n}
                    for (name, err), n in sorted(info.get("ioctls", {}).items())],
-        "messages_matched_by_address": info["messages"].matched if "messages" in info else 0,
-        "messages_unmatched": info["messages"].unmatched if "messages" in info else 0,
+        "messages_matched_by_address": info.get("messages", {}).get("matched_by_address", 0),
+        "messages_unmatched": info.get("messages", {}).get("unmatched", 0),
         "startup_s": round(session.startup_s, 3),
         "compile_s": round(session.backend.compile_s, 3) if session.backend else None,
         "bpf_run_ns": info.get("bpf_run_ns"),

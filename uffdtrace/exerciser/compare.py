@@ -1,4 +1,5 @@
-"""A recording (`uffdtrace record` CSV) against the exerciser's ground truth, fault by fault.
+"""A recording (`uffdtrace record` CSVs) against the exerciser's ground truth, fault by fault
+and ioctl by ioctl.
 
 The exerciser times each first touch in user space, [start_ns, end_ns]; the tracer sees the
 fault from the kernel, [fault_ns, fault_ns + stall_ns]. Both clocks are CLOCK_MONOTONIC, so
@@ -43,3 +44,35 @@ def match_faults(recorded: pd.DataFrame, truth: pd.DataFrame, page_size: int) ->
         "exit_ns": joined["end_ns"].to_numpy(dtype=np.int64) - (fault + stall),
         "error": np.abs(touch - stall) / np.maximum(REL_TOLERANCE * touch, ABS_TOLERANCE_NS),
     })
+
+
+RESOLVING = ("CONTINUE", "COPY", "ZEROPAGE", "WAKE")
+
+
+def misattributed(recorded: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
+    """Fault rows whose resolver is not what the exerciser did: the call of the same thread
+    under way at cont_enter_ns (a thread makes one call at a time) must be the same command,
+    cover the fault's address and have succeeded. Rows without a resolver are wrong too."""
+    f = recorded[recorded["resolver"].notna()].astype({"handler_tid": "int64", "cont_enter_ns": "int64"})
+    calls = ops.assign(op=ops["op"].str.upper()).sort_values("start_ns")
+    joined = pd.merge_asof(f.sort_values("cont_enter_ns"), calls, left_on="cont_enter_ns",
+                           right_on="start_ns", by="handler_tid", suffixes=("", "_op"))
+    right = ((joined["cont_enter_ns"] <= joined["end_ns"]) & (joined["op"] == joined["resolver"])
+             & (joined["addr_op"] <= joined["addr"]) & (joined["addr"] < joined["addr_op"] + joined["len"])
+             & (joined["errno_op"] == 0))
+    return pd.concat([recorded[recorded["resolver"].isna()], joined.loc[~right, recorded.columns]])
+
+
+def unrecorded_ioctls(ioctls: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
+    """The exerciser's ioctls with no row in a `record --ioctls` CSV of the same thread,
+    command, start and errno, entered and left inside the exerciser's timestamps around the
+    call; and extra resolving-ioctl rows beyond the exerciser's count."""
+    calls = ops.assign(ioctl=ops["op"].str.upper(), call=range(len(ops)))
+    joined = calls.merge(ioctls, left_on=["handler_tid", "ioctl", "addr", "errno"],
+                         right_on=["tid", "ioctl", "start", "errno"], suffixes=("", "_rec"))
+    inside = (joined["start_ns"] <= joined["enter_ns"]) & (joined["exit_ns"] <= joined["end_ns"])
+    missing = calls[~calls["call"].isin(joined.loc[inside, "call"])]
+    extra = len(ioctls[ioctls["ioctl"].isin(RESOLVING)]) - len(calls)
+    if extra > 0:
+        missing = pd.concat([missing, ioctls[ioctls["ioctl"].isin(RESOLVING)].tail(extra)])
+    return missing

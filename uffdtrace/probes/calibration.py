@@ -3,9 +3,10 @@
 Some facts that tell minor from missing faults depend on the kernel build and on KASLR: which
 call sites of handle_userfault mean which kind (tracepoint backend), or the value of its
 `reason` argument (kprobe backend: VM_UFFD_MINOR's bit differs between kernels). Instead of
-trusting constants, we run one tiny minor and one missing workload per backing in this process
-while the backend traces it, note the value it observed for each, and keep the answers for
-this boot.
+trusting constants, we run one tiny workload per (backing, kind) in this process while the
+backend traces it (minor and missing on shmem and hugetlb; missing on private anonymous
+memory, which has no minor faults), note the value it observed for each, and keep the answers
+for this boot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,13 +28,26 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 T = TypeVar("T")
 # (pid, faulting addresses of one run) -> the distinct values the backend saw for that run
 Observer = Callable[[int, np.ndarray], set[int]]
+KINDS_BY_BACKING = {"shmem": ("minor", "missing"), "hugetlb": ("minor", "missing"), "anon": ("missing",)}
 
 
-def calibrated(name: str, backend, observe: Observer) -> dict[int, str]:
-    """Value -> kind ("minor" / "missing") for the fact `name`, from this boot's cache or
-    learned now under `backend` (which must trace this process when told to `track` it)."""
-    learned = per_boot(name, lambda: {f"{v:#x}": kind for v, kind in _provoke(backend, observe).items()})
-    return {int(v, 16): kind for v, kind in learned.items()}
+@dataclass(frozen=True)
+class Learned:
+    """What one observed value tells: the kind and the backing of the faults it was seen for
+    (None: seen for more than one, so it tells nothing of that)."""
+
+    kind: str | None
+    backing: str | None
+
+
+def calibrated(name: str, backend, observe: Observer) -> dict[int, Learned]:
+    """Value -> what it tells, for the fact `name`, from this boot's cache or learned now under
+    `backend` (which must trace this process when told to `track` it)."""
+    # The cache key names what was provoked: a cache from a version that learned less is not used.
+    key = f"{name}:{','.join(KINDS_BY_BACKING)}:kind,backing"
+    learned = per_boot(key, lambda: {f"{v:#x}": [found.kind, found.backing]
+                                     for v, found in _provoke(backend, observe).items()})
+    return {int(v, 16): Learned(*found) for v, found in learned.items()}
 
 
 def per_boot(name: str, compute: Callable[[], T]) -> T:
@@ -61,24 +76,31 @@ def _load() -> dict[str, Any]:
     return data if data.pop("boot_id", None) == _boot_id() else {}
 
 
-def _provoke(backend, observe: Observer) -> dict[int, str]:
-    """Each value observed in runs of only one kind -> that kind. A value seen for both kinds
-    (say, a call site shared by minor and missing faults) tells nothing: dropped, not guessed."""
+def _provoke(backend, observe: Observer) -> dict[int, Learned]:
+    """Each value observed -> the kind and the backing it was seen for, where only one. A value
+    seen for both kinds (say, a call site shared by minor and missing faults) tells no kind:
+    not guessed."""
     from uffdtrace.exerciser import ExerciseConfig, run
 
     me = os.getpid()
     backend.track(me)
-    kinds: dict[int, set[str]] = {}
+    seen: dict[int, set[tuple[str, str]]] = {}
     try:
-        for backing in ("shmem", "hugetlb"):
-            for mode in ("minor", "missing"):
+        for backing, modes in KINDS_BY_BACKING.items():
+            for mode in modes:
                 cfg = ExerciseConfig(backing=backing, mode=mode, pages=2, cpus=[0])
                 try:
                     res = run(cfg)
                 except UserError:
                     break  # e.g. no hugepages here: the other backing still teaches
                 for value in observe(me, res.faults["addr"].to_numpy()):
-                    kinds.setdefault(value, set()).add(mode)
+                    seen.setdefault(value, set()).add((backing, mode))
     finally:
         backend.untrack(me)
-    return {value: seen.pop() for value, seen in kinds.items() if len(seen) == 1}
+    learned = {value: Learned(_only({k for _, k in pairs}), _only({b for b, _ in pairs}))
+               for value, pairs in seen.items()}
+    return {value: found for value, found in learned.items() if found.kind or found.backing}
+
+
+def _only(values: set[str]) -> str | None:
+    return next(iter(values)) if len(values) == 1 else None

@@ -30,22 +30,19 @@ T = TypeVar("T")
 
 SECTIONS = ("system", "bpf", "tracepoints", "symbols", "hooks", "userfaultfd")  # display order
 
+# What bpf/tracepoint.c attaches: in both modes, and in full mode only.
 LIGHT_TRACEPOINTS = (
     "exceptions:page_fault_user",
     "sched:sched_switch",
-    "sched:sched_wakeup",
+    "sched:sched_waking",
+    "rseq:rseq_update",
     "sched:sched_process_fork",
     "sched:sched_process_exit",
 )
-SYSCALL_TRACEPOINTS = (
-    "raw_syscalls:sys_enter",
-    "raw_syscalls:sys_exit",
-    "syscalls:sys_enter_ioctl",
-    "syscalls:sys_exit_ioctl",
-    "syscalls:sys_enter_read",
-    "syscalls:sys_exit_read",
-)
-TRACEPOINTS = (*LIGHT_TRACEPOINTS, *SYSCALL_TRACEPOINTS)
+# Attached where present (Linux 6.1+): without it, a region mapped anew keeps its first backing.
+OPTIONAL_TRACEPOINTS = ("maple_tree:ma_write",)
+SYSCALL_TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
+TRACEPOINTS = (*LIGHT_TRACEPOINTS, *OPTIONAL_TRACEPOINTS, *SYSCALL_TRACEPOINTS)
 # Kernel functions of the userfaultfd paths (names vary across kernels, DESIGN §2): the kprobe
 # backend's hook candidates, and a few more that explain a kernel's userfaultfd.
 KERNEL_SYMBOLS = (
@@ -62,7 +59,7 @@ KERNEL_SYMBOLS = tuple(dict.fromkeys(KERNEL_SYMBOLS))
 MODES = {"light": "tracepoints only", "full": "adds syscall tracepoints"}
 _LIGHT = ("root", "bcc", "bcc-compile", "raw-tracepoints", "ringbuf", "stack-traces",
           *LIGHT_TRACEPOINTS)
-_FULL = (*_LIGHT, "tracepoint-programs", *SYSCALL_TRACEPOINTS)
+_FULL = (*_LIGHT, *SYSCALL_TRACEPOINTS)
 _KPROBE = ("kprobes", "kallsyms", "handle_userfault")
 _FENTRY = ("fentry", "kallsyms", "handle_userfault")
 # backend -> mode -> names of the checks it needs. A new backend adds its entry here.

@@ -95,7 +95,8 @@ class KprobeBackend(TracepointBackend):
         gate = self._bpf["calibrating"]
         gate[ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())
         try:
-            reasons = calibrated("reasons", self, self._reasons_seen)
+            reasons = {v: found.kind for v, found in calibrated("reasons", self, self._reasons_seen).items()
+                       if found.kind}
         finally:
             gate[ctypes.c_int(0)] = ctypes.c_uint32(0)
         sees_every_backing = all(self.attached.get(h) for h in ("hugetlb-fault", "shmem-fault"))

@@ -5,13 +5,16 @@ FAULT records to a DataFrame of those three columns, one row per record (None / 
 path is unknown).
 
 - Tracepoint backend (`RegionPaths`): the BPF side samples one stack per (process, 2 MiB
-  region) at the first sleep in handle_userfault there. The first caller frame is a return
-  address inside the function that called handle_userfault (shmem_get_folio_gfp,
-  hugetlb_fault's inlined no-page path, do_anonymous_page, ...); its name gives the backing.
+  region, generation of the process's mappings) at the first sleep in handle_userfault there.
+  The first caller frame is a return address inside the function that called handle_userfault
+  (shmem_get_folio_gfp, hugetlb_fault's inlined no-page path, __handle_mm_fault with
+  do_anonymous_page inlined, ...). A hugetlb or shmem function's name gives the backing.
   Minor and missing faults call handle_userfault from different call sites of the same
   function, so the return address itself tells them apart once calibration has seen one fault
-  of each kind (uffdtrace.probes.calibration). Where one call site serves both kinds (hugetlb
-  on Debian's 6.1), calibration sees it for both and the kind stays unknown.
+  of each (kind, backing) (uffdtrace.probes.calibration); generic call sites (anonymous
+  memory's) get their backing from calibration too. Where one call site serves both kinds
+  (hugetlb on Debian's 6.1), calibration sees it for both and the kind stays unknown. A
+  write-protect fault is told by its error code: the page was present.
 - Kprobe backend (`HookPaths`): the fault's own hooks say it (hugetlb_fault or shmem's fault
   handler hit before handle_userfault, and handle_userfault's `reason`, calibrated).
 """
@@ -25,10 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from uffdtrace.probes.calibration import Learned
 from uffdtrace.probes.kernel import kallsyms
 from uffdtrace.probes.records import F_HUGETLB, F_SHMEM, F_UFFD
 
 BASE_PAGE = 4096
+X86_PF_PROT = 1  # page fault error code: the page was present (a protection fault)
 
 Paths = Callable[[np.ndarray], pd.DataFrame]
 
@@ -53,13 +58,14 @@ def paths_frame(backing: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
     })
 
 
-def backing_of(frames: tuple[int, ...]) -> str:
+def backing_of(frames: tuple[int, ...], call_sites: dict[int, Learned]) -> str | None:
     names = [kallsyms().name_at(a) or "" for a in frames[:3]]
     if any(n.startswith("hugetlb") for n in names):
         return "hugetlb"
     if any(n.startswith("shmem") for n in names):
         return "shmem"
-    return "anon"
+    learned = call_sites.get(frames[0])
+    return learned.backing if learned else None
 
 
 @dataclass(frozen=True)
@@ -71,30 +77,34 @@ class PathInfo:
 class RegionPaths:
     """Paths from the stack sampled per region, cached per region once the kernel has one."""
 
-    def __init__(self, region_frames: Callable[[int, int], tuple[int, ...] | None],
-                 call_sites: dict[int, str]) -> None:
-        self._region_frames = region_frames
+    def __init__(self, region_frames: Callable[[int, int, int], tuple[int, ...] | None],
+                 call_sites: dict[int, Learned]) -> None:
+        self._region_frames = region_frames  # (pid, generation, addr) -> frames
         self._call_sites = call_sites
-        self._cache: dict[tuple[int, int], PathInfo] = {}
+        self._cache: dict[tuple[int, int, int], PathInfo] = {}
 
-    def region(self, pid: int, addr: int) -> PathInfo | None:
-        key = (pid, addr >> 21)
+    def region(self, pid: int, gen: int, addr: int) -> PathInfo | None:
+        key = (pid, gen, addr >> 21)
         info = self._cache.get(key)
         if info is None:
-            frames = self._region_frames(pid, addr)
+            frames = self._region_frames(pid, gen, addr)
             if not frames:
                 return None  # no sleep seen in this region yet: ask again next time
-            info = PathInfo(backing_of(frames), self._call_sites.get(frames[0]))
+            site = self._call_sites.get(frames[0])
+            info = PathInfo(backing_of(frames, self._call_sites), site.kind if site else None)
             self._cache[key] = info
         return info
 
     def __call__(self, f: np.ndarray) -> pd.DataFrame:
-        regions = (f["pid"].astype(np.uint64) << np.uint64(43)) | (f["addr"] >> np.uint64(21))
-        _, first, inverse = np.unique(regions, return_index=True, return_inverse=True)
-        infos = [self.region(int(f["pid"][i]), int(f["addr"][i])) for i in first]
+        regions = np.stack([f["pid"].astype(np.uint64), f["gen"].astype(np.uint64),
+                            f["addr"] >> np.uint64(21)], axis=1)
+        _, first, inverse = np.unique(regions, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        infos = [self.region(int(f["pid"][i]), int(f["gen"][i]), int(f["addr"][i])) for i in first]
         backing = np.array([p.backing if p else None for p in infos], dtype=object)
-        kind = np.array([p.kind if p else None for p in infos], dtype=object)
-        return paths_frame(backing[inverse], kind[inverse])
+        kind = np.array([p.kind if p else None for p in infos], dtype=object)[inverse]
+        kind[(f["len"] & X86_PF_PROT) != 0] = "wp"  # `len` holds a FAULT's error code
+        return paths_frame(backing[inverse], kind)
 
 
 class HookPaths:

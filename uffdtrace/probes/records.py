@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-EV_FAULT, EV_IOCTL, EV_MSG = 1, 2, 3
+EV_FAULT, EV_IOCTL = 1, 2
 
 # struct event flags for EV_FAULT
 F_NOTIFIED = 1
@@ -22,6 +22,8 @@ F_HUGETLB = 2048
 F_SHMEM = 4096
 F_ACTIVE = 8192  # BPF state only (a fault in flight); never set in records
 F_BLOCKED_AT_END = 16384  # set by user space: still asleep in the fault when tracing ended
+F_RELEASED = 32768  # woken by its userfaultfd's release, not by an ioctl (ioctls traced)
+F_SIGNALLED = 65536  # woken by neither a uffd ioctl nor the release: a signal (ioctls traced)
 
 # struct event flags for EV_IOCTL (kprobe backend): kernel functions the ioctl went through
 IO_MFILL = 1  # its mcopy/mfill function; t2 = time inside
@@ -33,13 +35,14 @@ EVENT_DTYPE = np.dtype(
     [
         ("type", np.uint8),
         ("nr", np.uint8),
-        ("flags", np.uint16),
+        ("woken", np.uint16),
+        ("flags", np.uint32),
         ("pid", np.uint32),
         ("tid", np.uint32),
         ("peer_pid", np.uint32),
         ("peer_tid", np.uint32),
         ("notify_tid", np.uint32),
-        ("woken", np.uint32),
+        ("gen", np.uint32),
         ("t0", np.uint64),
         ("t1", np.uint64),
         ("t2", np.uint64),

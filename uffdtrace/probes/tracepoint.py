@@ -11,6 +11,7 @@ from importlib import resources
 import numpy as np
 
 from uffdtrace.errors import UserError
+from uffdtrace.events import BlockedFault
 from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
@@ -65,6 +66,10 @@ class TracepointBackend:
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
         ]
+        from bcc import BPF  # Debian's python3-bpfcc
+
+        if BPF.tracepoint_exists("maple_tree", "ma_write"):
+            flags.append("-DMAPPINGS_TRACEPOINT")
         if self.mode == "full":
             flags.append("-DFULL_MODE")
         if self.scope.all:
@@ -113,7 +118,9 @@ class TracepointBackend:
         return sorted(tp.decode() for tp in self._bpf.raw_tracepoint_fds)
 
     def _call_sites_seen(self, pid: int, addrs: np.ndarray) -> set[int]:
-        sites = {frames[0] for addr in addrs if (frames := self.region_frames(pid, int(addr)))}
+        regions = {int(a) >> 21 for a in addrs}
+        sites = {frames[0] for k, v in self._bpf["regions"].items()
+                 if k.tgid == pid and k.region in regions and (frames := tuple(f for f in v.frames if f))}
         self.forget_regions(pid)  # the next calibration run may map the same addresses
         return sites
 
@@ -134,6 +141,13 @@ class TracepointBackend:
     def drain(self) -> np.ndarray:
         return self._ring.drain()
 
+    def blocked_now(self) -> list[BlockedFault]:
+        """Faults whose thread sleeps in handle_userfault now, oldest first."""
+        blocked = [BlockedFault(st.tgid, k.value, st.addr, st.fault_ns)
+                   for k, st in self._bpf["inflight"].items()
+                   if st.flags & F_ACTIVE and st.flags & F_SLEPT and not st.flags & F_WOKEN]
+        return sorted(blocked, key=lambda b: b.fault_ns)
+
     def faults_in_flight(self) -> np.ndarray:
         """Recordable faults whose thread has not shown yet that it left the fault (no return
         to user space, later fault, switch-out or exit), for the end of a session: woken ones
@@ -143,8 +157,8 @@ class TracepointBackend:
             blocked = st.flags & F_SLEPT and not st.flags & F_WOKEN
             if st.flags & F_ACTIVE and (st.flags & self.recorded_flags or blocked):
                 flags = (st.flags & ~F_ACTIVE) | (F_BLOCKED_AT_END if blocked else 0)
-                rows.append((EV_FAULT, st.ioctl_nr, flags, st.tgid, k.value,
-                             st.waker_pid, st.waker_tid, st.notify_tid, 0, st.fault_ns,
+                rows.append((EV_FAULT, st.ioctl_nr, 0, flags, st.tgid, k.value,
+                             st.waker_pid, st.waker_tid, st.notify_tid, st.gen, st.fault_ns,
                              st.block_ns, st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns,
                              0, st.addr, st.error_code, st.msg_flags, st.msg_tid, st.reason, st.mm,
                              bytes(st.comm)))
@@ -161,10 +175,11 @@ class TracepointBackend:
             counts[k.value] = v.value
         return counts
 
-    def region_frames(self, pid: int, addr: int) -> tuple[int, ...] | None:
-        """Callers of handle_userfault sampled at the first block in addr's 2 MiB region."""
+    def region_frames(self, pid: int, gen: int, addr: int) -> tuple[int, ...] | None:
+        """Callers of handle_userfault sampled at the first block in addr's 2 MiB region, under
+        generation `gen` of the process's mappings."""
         table = self._bpf["regions"]
-        key = table.Key(pid, 0, addr >> 21)
+        key = table.Key(pid, gen, addr >> 21)
         try:
             value = table[key]
         except KeyError:
@@ -182,6 +197,15 @@ class TracepointBackend:
             return {}
         return {(k.value >> 32, k.value & 0xFFFFFFFF): v.value
                 for k, v in self._bpf["uffd_events"].items()}
+
+    def loose_messages(self) -> dict[str, int]:
+        """Fault messages that named no thread in flight (handlers without
+        UFFD_FEATURE_THREAD_ID): given to their fault by address space and page, and those
+        still held, of no traced fault (an untraced thread's, or read after its fault ended)."""
+        if self.mode != "full":
+            return {"matched_by_address": 0, "unmatched": 0}
+        held, claimed = (int(self._bpf["loose"][ctypes.c_int(i)].value) for i in (0, 1))
+        return {"matched_by_address": claimed, "unmatched": held}
 
     def run_stats(self) -> tuple[int, int]:
         """Total (run_time_ns, run_cnt) of this backend's BPF programs."""

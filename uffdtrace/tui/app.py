@@ -26,6 +26,7 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Footer, Input, Static
 
+from uffdtrace.events import BlockedFault
 from uffdtrace.plugins import Histogram, Panel, Rates, Table, View
 from uffdtrace.session import Session
 from uffdtrace.sinks.plugins import PluginSink
@@ -290,6 +291,7 @@ class SessionStatus:
         wall = max(now - t0, 1e-9)
         lost = sum(backend.lost().values())
         skipped = sum(self.host.skipped_rows.values())
+        blocked = self.session.blocked
         return " · ".join(filter(None, [
             f"{backend.name} backend", f"{self.session.mode} mode",
             f"{format_count(self.session.stats.faults)} faults",
@@ -297,7 +299,15 @@ class SessionStatus:
             f"BPF {(run_ns - ns0) / 1e9 / wall:.1%} CPU ({run_cnt / 1e6:.1f}M runs)",
             f"tracer {(cpu - cpu0) / wall:.0%} CPU",
             f"plugins skipped {skipped} rows" if skipped else "",
+            blocked_now(blocked, time.monotonic_ns()) if blocked else "",
         ]))
+
+
+def blocked_now(blocked: list[BlockedFault], now_ns: int) -> str:
+    """'N blocked now, oldest S s (pid P tid T @ADDR)' (blocked: oldest first)."""
+    oldest = blocked[0]
+    return (f"{len(blocked)} blocked now, oldest {(now_ns - oldest.fault_ns) / 1e9:.1f} s "
+            f"(pid {oldest.pid} tid {oldest.tid} @{oldest.addr:#x})")
 
 
 def run_top(session: Session, host: PluginSink, *, until: Callable[[], bool] = lambda: False,
