@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up from nothing on a Debian 12 machine, as root:
 #   Debian packages (+ qemu and Debian's kernel for the VM tests) -> tracefs -> kernel-header
-#   fallback -> venv (+ Debian's bcc) -> project + cffi build (+ test tools, virtme-ng).
+#   fallback -> venv (+ Debian's bcc) -> project + cffi build (+ test tools, virtme-ng) ->
+#   the kernel's userfaultfd selftest, built from Debian's linux-source-6.1 (tests/test_foreign.py).
 # Every step checks first and says what it did. Hugepages are reserved per run by the tools
 # and the test suite themselves (and restored afterwards), not here.
 set -euo pipefail
@@ -89,4 +90,26 @@ else
     say "uffdtrace installed in $VENV"
 fi
 import_native || { echo "setup: venv cannot import bcc and the cffi modules" >&2; exit 1; }
+
+# The kernel's own userfaultfd selftest (Linux 6.1), a foreign workload for tests/test_foreign.py.
+# Only its folder and kselftest* are taken out of Debian's source tarball (about 8 s: the whole
+# .xz is decompressed), into a cache outside the repository; the build takes about 1 s.
+apt_install_missing "userfaultfd selftest source (Linux 6.1)" linux-source-6.1 libc6-dev
+SELFTEST_CACHE=/var/cache/uffdtrace/selftests
+SELFTEST_SRC="$SELFTEST_CACHE/src/tools/testing/selftests"
+if [[ -x "$SELFTEST_CACHE/userfaultfd" ]]; then
+    say "userfaultfd selftest built at $SELFTEST_CACHE/userfaultfd"
+else
+    if [[ ! -e "$SELFTEST_SRC/vm/userfaultfd.c" || ! -e "$SELFTEST_SRC/kselftest.h" ]]; then
+        rm -rf "$SELFTEST_CACHE/src"
+        mkdir -p "$SELFTEST_CACHE/src"
+        tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$SELFTEST_CACHE/src" --strip-components=1 \
+            --wildcards '*/tools/testing/selftests/vm/*' '*/tools/testing/selftests/kselftest*'
+        say "extracted tools/testing/selftests/{vm/,kselftest*} of linux-source-6.1 into $SELFTEST_CACHE/src"
+    fi
+    (cd "$SELFTEST_SRC/vm" && gcc -O2 -pthread -I.. userfaultfd.c vm_util.c -lrt \
+        -o "$SELFTEST_CACHE/userfaultfd.tmp")
+    mv "$SELFTEST_CACHE/userfaultfd.tmp" "$SELFTEST_CACHE/userfaultfd"
+    say "built the userfaultfd selftest: $SELFTEST_CACHE/userfaultfd"
+fi
 say "ready: $VENV/bin/uffdtrace"
