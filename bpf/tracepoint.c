@@ -4,12 +4,12 @@
 //   TASK_PID_OFF, TASK_TGID_OFF,  offsets in struct task_struct, read from the running
 //   TASK_STATE_OFF, TASK_MM_OFF,  kernel's BTF (headers here are for another kernel), and
 //   TASK_FILES_OFF, FILES_FDT_OFF, the offsets on the way from an fd to its userfaultfd
-//   FDT_MAX_FDS_OFF, FDT_FD_OFF,   context (file -> f_op -> read_iter tells a uffd, its
+//   FDT_MAX_FDS_OFF, FDT_FD_OFF,   context (file -> f_op -> unlocked_ioctl tells a uffd, its
 //   FILE_F_OP_OFF, FILE_PRIVATE_OFF, private_data is the context, ctx->mm the address space
-//   FOPS_READ_ITER_OFF, UCTX_MM_OFF  whose faults it handles)
+//   FOPS_IOCTL_OFF, UCTX_MM_OFF    whose faults it handles)
 //   HUF_START, HUF_END            [start, end) of handle_userfault, from /proc/kallsyms
 //   UWAKE_START, UWAKE_END        [start, end) of userfaultfd_wake_function
-//   UFFD_READ_ITER                address of userfaultfd_read_iter (a uffd file's read_iter)
+//   UFFD_IOCTL                    address of userfaultfd_ioctl (a uffd file's unlocked_ioctl)
 //   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
 //   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
 //   TRACE_ALL                     every process instead of the `tracked` set
@@ -243,7 +243,7 @@ static __always_inline u64 uffd_of_fd(u32 fd) {
     if (!file)
         return 0;
     u64 fops = read_ptr(file, FILE_F_OP_OFF);
-    if (!fops || read_ptr((void *)fops, FOPS_READ_ITER_OFF) != UFFD_READ_ITER)
+    if (!fops || read_ptr((void *)fops, FOPS_IOCTL_OFF) != UFFD_IOCTL)
         return 0;
     return read_ptr(file, FILE_PRIVATE_OFF);
 }
@@ -664,6 +664,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
 #define NR_CONTINUE 0x07
 #define NR_COPY 0x03
 #define NR_ZEROPAGE 0x04
+#define NR_MOVE 0x05
+#define NR_POISON 0x08
 
 // A uffd ioctl entered (cmd, its user argument, the uffd's context): remember it until it
 // returns.
@@ -671,10 +673,10 @@ static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg, u64 ctx) {
     struct ioctl_state io = {.enter_ns = bpf_ktime_get_ns(), .cmd = cmd, .arg = arg,
                              .mm = uffd_mm(ctx)};
     // Every uffdio_* argument starts with a range {start, len} followed by a mode word,
-    // except uffdio_copy {dst, src, len, mode, copy}.
+    // except uffdio_copy and uffdio_move {dst, src, len, mode, result}.
     u64 a[4] = {};
     bpf_probe_read_user(a, sizeof(a), (void *)arg);
-    if ((cmd & 0xff) == NR_COPY) {
+    if ((cmd & 0xff) == NR_COPY || (cmd & 0xff) == NR_MOVE) {
         io.start = a[0];
         io.len = a[2];
         io.mode = a[3];
@@ -694,9 +696,9 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     u64 now = bpf_ktime_get_ns();
     u32 nr = io->cmd & 0xff;
     s64 mapped = 0;
-    if (nr == NR_CONTINUE || nr == NR_ZEROPAGE)
+    if (nr == NR_CONTINUE || nr == NR_ZEROPAGE || nr == NR_POISON)  // mapped / zeropage / updated
         bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 24));
-    else if (nr == NR_COPY)
+    else if (nr == NR_COPY || nr == NR_MOVE)  // copy / move
         bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 32));
     u64 enter_ns = io->enter_ns;
     if (nr == NR_CONTINUE)

@@ -63,14 +63,14 @@ IOCTL_COLUMNS: dict[str, tuple[str, str]] = {
     "comm": ("string", "calling thread's name"),
     "ioctl": ("string", "API | REGISTER | UNREGISTER | COPY | ZEROPAGE | CONTINUE | WAKE | "
               "WRITEPROTECT | POISON | MOVE | nrN"),
-    "start": ("Int64", "range start (COPY: dst; API: empty)"),
+    "start": ("Int64", "range start (COPY, MOVE: dst; API: empty)"),
     "len": ("Int64", "range length in bytes (API: empty)"),
     "mode": ("Int64", "mode word (REGISTER: MISSING 1 | WP 2 | MINOR 4; CONTINUE: DONTWAKE 1; "
              "COPY: DONTWAKE 1 | WP 2; API: the requested features)"),
     "ret": ("Int64", "return value"),
     "errno": ("Int64", "-ret when it failed, else 0"),
-    "mapped": ("Int64", "bytes the ioctl reports as mapped (CONTINUE, ZEROPAGE: mapped; COPY: "
-               "copy); empty for the others"),
+    "mapped": ("Int64", "bytes the ioctl reports as done (CONTINUE, ZEROPAGE: mapped; COPY: "
+               "copy; MOVE: move; POISON: updated); empty for the others"),
     "duration_ns": ("Int64", "exit - enter"),
     "woken": ("Int64", "faults of traced threads it woke"),
     "mfill_ns": ("Int64", "time inside its mcopy/mfill function (kprobe backend)"),

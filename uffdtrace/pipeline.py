@@ -46,7 +46,9 @@ from uffdtrace.probes.records import (
 )
 
 RESOLVERS = {"CONTINUE", "COPY", "ZEROPAGE", "WAKE"}
-NR_REGISTER, NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE, NR_API = 0x00, 0x02, 0x03, 0x04, 0x07, 0x3F
+NR_REGISTER, NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_MOVE, NR_CONTINUE, NR_POISON, NR_API = (
+    0x00, 0x02, 0x03, 0x04, 0x05, 0x07, 0x08, 0x3F)
+REPORTS_MAPPED = [NR_CONTINUE, NR_ZEROPAGE, NR_COPY, NR_MOVE, NR_POISON]  # a result field
 RESOLVING_NRS = [NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE]
 IOCTL_BY_NR = np.array([UFFDIO_NAMES.get(nr, f"nr{nr:#x}") for nr in range(256)], dtype=object)
 MEMORY_NS = 5_000_000_000  # how long ioctl exits wait for their faults
@@ -135,8 +137,7 @@ class Assembler:
             "mode": np.where(api, io["len"], io["x"]).astype(np.int64),
             "ret": ret,
             "errno": errnos,
-            "mapped": pd.Series(io["mapped"], dtype="Int64").where(
-                np.isin(nr, [NR_CONTINUE, NR_ZEROPAGE, NR_COPY])),
+            "mapped": pd.Series(io["mapped"], dtype="Int64").where(np.isin(nr, REPORTS_MAPPED)),
             "duration_ns": (io["t1"] - io["t0"]).astype(np.int64),
             "woken": io["woken"].astype(np.int64),
             "mfill_ns": pd.Series(io["t2"].astype(np.int64), dtype="Int64").where((flags & IO_MFILL) != 0),

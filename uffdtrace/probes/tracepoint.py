@@ -56,13 +56,13 @@ class TracepointBackend:
 
     def cflags(self) -> list[str]:
         huf, wake = (_function_range(f) for f in ("handle_userfault", "userfaultfd_wake_function"))
-        read_iter = _function_range("userfaultfd_read_iter")[0]
+        uffd_ioctl = _function_range("userfaultfd_ioctl")[0]
         flags = [f"-D{name}={offset}" for name, offset in _kernel_offsets().items()] + [
             f"-DHUF_START={huf[0]:#x}ULL",
             f"-DHUF_END={huf[1]:#x}ULL",
             f"-DUWAKE_START={wake[0]:#x}ULL",
             f"-DUWAKE_END={wake[1]:#x}ULL",
-            f"-DUFFD_READ_ITER={read_iter:#x}ULL",
+            f"-DUFFD_IOCTL={uffd_ioctl:#x}ULL",
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
         ]
@@ -244,7 +244,7 @@ KERNEL_OFFSETS = {
     "FDT_FD_OFF": ("fdtable", "fd"),
     "FILE_F_OP_OFF": ("file", "f_op"),
     "FILE_PRIVATE_OFF": ("file", "private_data"),
-    "FOPS_READ_ITER_OFF": ("file_operations", "read_iter"),
+    "FOPS_IOCTL_OFF": ("file_operations", "unlocked_ioctl"),
     "UCTX_MM_OFF": ("userfaultfd_ctx", "mm"),
 }
 
