@@ -101,7 +101,7 @@ def struct_member_offsets(struct: str, members: tuple[str, ...]) -> dict[str, in
         raise UserError(f"struct {struct} not found in kernel BTF")
     offsets: dict[str, int] = {}
     for line in dump[start.end() + 1 :].splitlines():
-        m = re.match(r"\s+'(\w+)' type_id=\d+ bits_offset=(\d+)", line)
+        m = re.match(r"\s+'([\w()]+)' type_id=\d+ bits_offset=(\d+)", line)  # '(anon)' too
         if not m:
             break
         if m[1] in members:
