@@ -27,5 +27,5 @@ def test_members_after_an_anonymous_member(monkeypatch):
 
 def test_a_missing_member_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(kernel, "_btf_dump", lambda: DUMP)
-    with pytest.raises(UserError, match="struct file has no member.s. f_count in BTF"):
+    with pytest.raises(UserError, match=r"struct file has no member\(s\) f_count in BTF"):
         kernel.struct_member_offsets.__wrapped__("file", ("f_count",))
