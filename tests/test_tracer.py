@@ -346,6 +346,9 @@ def test_existing_process_by_pid(tmp_path):
         ["record", "-p", "999999999"],
         ["record", "--all", "-p", "1"],
         ["record", "--duration", "-1", "--all"],
+        ["record", "--duration", "nan", "--all"],
+        ["record", "--duration", "inf", "--all"],
+        ["record", "--plugin", "/tmp", "--all"],
         ["record", "--mode", "nope", "--all"],
         ["record", "--", "/nonexistent/command"],
         ["record", "-o", "/nonexistent/dir/x.csv", "--all"],
@@ -356,6 +359,21 @@ def test_bad_input_is_one_line(argv):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(("uffdtrace", "usage"))
+
+
+def test_bad_input_says_what_is_wrong(tmp_path):
+    out = subprocess.run([*UFFDTRACE, "record", "--plugin", str(tmp_path), "--all"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stderr.strip() == f"uffdtrace: plugin {tmp_path} is a directory: name a Python file in it"
+    out = subprocess.run([*UFFDTRACE, "record", "-d", "nan", "--all"], capture_output=True, text=True)
+    assert out.stderr.strip() == "uffdtrace: --duration must be a positive number of seconds"
+
+
+def test_a_pid_without_userfaultfd_gets_a_hint(tmp_path):
+    out = subprocess.run([*UFFDTRACE, "record", "-p", "1", "-d", "0.5", "-o", str(tmp_path / "r.csv")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "uffdtrace: pid 1 holds no userfaultfd now: its faults show once it opens one" in out.stderr
 
 
 def test_sigterm_leaves_a_complete_csv(tmp_path):

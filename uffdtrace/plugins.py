@@ -212,6 +212,8 @@ def installed() -> dict[str, PluginInfo | str]:
 def load_file(path: str | Path) -> PluginInfo:
     """The plugin defined in a Python file: its one Plugin subclass, or its PLUGIN attribute."""
     shown, path = path, Path(path)  # messages name the file as the user did
+    if path.is_dir():
+        raise UserError(f"plugin {shown} is a directory: name a Python file in it")
     if not path.is_file():
         raise UserError(f"plugin file {shown} not found")
     module_name = f"uffdtrace_user_plugin_{len(sys.modules)}_{path.stem}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from uffdtrace.commands.targeting import (
@@ -39,7 +40,7 @@ from uffdtrace.session import Session, stop_on_signals
 from uffdtrace.sinks.csv import CsvSink, IoctlCsvSink
 from uffdtrace.sinks.plugins import add_plugin_arguments, plugin_sink_from_args
 from uffdtrace.summary import format_us
-from uffdtrace.targets import LaunchedCommand, alive, check_pids
+from uffdtrace.targets import LaunchedCommand, alive, check_pids, uffd_inodes
 
 NAME = "record"
 HELP = "record per-fault timelines to CSV"
@@ -64,13 +65,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = chosen_command(args)
-    if args.duration is not None and args.duration <= 0:
-        raise UserError("--duration must be positive")
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        raise UserError("--duration must be a positive number of seconds")
     if args.json and not args.output:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
     if args.ioctls and args.mode != "full":
         raise UserError("--ioctls needs --mode full (light mode does not trace ioctls)")
     pids = check_pids(args.pid)
+    for pid in pids:
+        if not uffd_inodes(pid):
+            print(f"uffdtrace: pid {pid} holds no userfaultfd now: its faults show once it opens one",
+                  file=sys.stderr)
     ctx = run_context(pids, command, args.mode, args.backend)
     plugin_sink = plugin_sink_from_args(args, ctx, stream=sys.stderr) if args.plugin else None
 
