@@ -125,7 +125,7 @@ def test_report_with_a_file_plugin_that_fails(recorded, tmp_path):
 HEADER = ",".join(FAULT_COLUMNS)
 
 
-def _bad_files(recorded: Path) -> dict[str, tuple[str, str]]:
+def _bad_files(recorded: Path) -> dict[str, tuple[str | bytes, str]]:
     """name -> (file content, expected message with {path})."""
     good = recorded.read_text()
     lines = good.splitlines(keepends=True)
@@ -146,15 +146,26 @@ def _bad_files(recorded: Path) -> dict[str, tuple[str, str]]:
         "fields": ("".join([*lines[:3], lines[3].rstrip("\n") + ",1\n", *lines[4:]]),
                    f"{{path}}: Expected {len(FAULT_COLUMNS)} fields in line 4, saw "
                    f"{len(FAULT_COLUMNS) + 1}"),
+        "binary": (b"\x89PNG\r\n\x1a\n\xff\xd8\xff\xe0" * 100 + b"\n",
+                   "{path} is not a `uffdtrace record` CSV: its first line is not text"),
+        "binary rows": ((HEADER + "\n").encode() + b"\xff\xfe\xfa,\x80\x81\n" * 50,
+                        "{path}: not UTF-8 text after the header (a binary file?)"),
+        "junk header": (",".join(f"column{i}" * 9 for i in range(40)) + "\n",
+                        "{path} is not a `uffdtrace record` CSV: missing columns fault_ns, pid, tid, "
+                        "comm, addr, page_size (and 22 more); unexpected columns "
+                        + ", ".join(f"column{i}" * 3 + "column..." for i in range(6)) + " (and 34 more)"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "extra", "order", "truncated", "type",
-                                  "fields"])
+                                  "fields", "binary", "binary rows", "junk header"])
 def test_bad_csv_in_process(recorded, tmp_path, case):
     content, message = _bad_files(recorded)[case]
     path = tmp_path / f"{case}.csv"
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     with pytest.raises(UserError) as e:
         for _ in read_faults(path, chunk_rows=2):
             pass
@@ -167,8 +178,11 @@ def test_bad_input_ends_in_one_line(recorded, tmp_path):
     bad.write_text(_bad_files(recorded)["type"][0])
     empty = tmp_path / "empty.csv"
     empty.write_text("")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(_bad_files(recorded)["binary rows"][0])
     cases = [
         ([empty], f"{empty} is empty (no CSV header)"),
+        ([binary], f"{binary}: not UTF-8 text after the header (a binary file?)"),
         ([bad], f"{bad}: line 6: column pid needs an integer, not '12x'"),
         (["nope.csv"], "cannot read nope.csv: No such file or directory"),
         ([recorded, "--plugin", "nosuch"], "unknown plugin 'nosuch' (available: blocktime, "),

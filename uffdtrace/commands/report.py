@@ -96,7 +96,7 @@ def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS,
     rows in coerced chunks."""
     try:
         with open(path, "rb") as f:
-            header = f.readline().decode(errors="replace").rstrip("\r\n")
+            first_line = f.readline()
             f.seek(0, 2)
             if f.tell() == 0:
                 raise UserError(f"{path} is empty (no CSV header)")
@@ -104,13 +104,16 @@ def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS,
             complete = f.read(1) == b"\n"
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from e
-    found = header.split(",")
+    try:
+        found = first_line.decode().rstrip("\r\n").split(",")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a `uffdtrace record` CSV: its first line is not text") from None
     if found != list(columns):
         missing = [c for c in columns if c not in found]
         extra = [c for c in found if c not in columns]
         what = "; ".join(filter(None, [
-            missing and "missing columns " + ", ".join(missing),
-            extra and "unexpected columns " + ", ".join(extra),
+            missing and "missing columns " + _some(missing),
+            extra and "unexpected columns " + _some(extra),
         ])) or "columns out of order"
         raise UserError(f"{path} is not a `uffdtrace record` CSV: {what}")
     if not complete:
@@ -128,8 +131,16 @@ def _chunks(path: Path, chunk_rows: int, columns: dict[str, tuple[str, str]]) ->
     except pd.errors.ParserError as e:
         message = str(e).strip().removeprefix("Error tokenizing data. C error: ")
         raise UserError(f"{path}: {message}") from e
+    except UnicodeDecodeError as e:  # a ValueError too: before the integer-cell search
+        raise UserError(f"{path}: not UTF-8 text after the header (a binary file?)") from e
     except (ValueError, OverflowError) as e:
         raise UserError(f"{path}: {_bad_cell(path, chunk_rows, dtypes) or e}") from e
+
+
+def _some(names: list[str], most: int = 6) -> str:
+    """Up to `most` column names, each shortened: the header may be anything."""
+    shown = [n if len(n) <= 30 else n[:27] + "..." for n in names[:most]]
+    return ", ".join(shown) + (f" (and {len(names) - most} more)" if len(names) > most else "")
 
 
 def _bad_cell(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> str | None:
