@@ -342,7 +342,8 @@ static __always_inline bool still_in_fault(struct fault_state *st) {
     return orig_ax_ip[1] == st->ip && orig_ax_ip[0] == (u64)-1;
 }
 
-// Make sure T's fault region has a sampled stack; in T's context, inside its fault.
+// Make sure T's fault region has a sampled stack; in T's context, inside its fault. st->gen and
+// st->sampled name a `regions` entry that exists (the record's key), or are left as they were.
 static __always_inline void sample_region(void *ctx, struct fault_state *st) {
     u32 *current_gen = mapping_gen.lookup(&st->tgid);
     u32 gen = current_gen ? *current_gen : 0;
@@ -350,31 +351,30 @@ static __always_inline void sample_region(void *ctx, struct fault_state *st) {
     if (st->sampled == region + 1 && st->gen == gen)
         return;
     struct region_key key = {.tgid = st->tgid, .gen = gen, .region = region};
-    st->gen = gen;  // the record names the key of its region's stack
-    if (regions.lookup(&key)) {
-        st->sampled = region + 1;
-        return;
-    }
-    u64 stack[16] = {};
-    long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
-    int n = bytes > 0 ? (u64)bytes / 8 : 0;
-    struct region_stack rs = {};
-    int found = -1;
+    if (!regions.lookup(&key)) {
+        u64 stack[16] = {};
+        long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
+        int n = bytes > 0 ? (u64)bytes / 8 : 0;
+        struct region_stack rs = {};
+        int found = -1;
 #pragma unroll
-    for (int i = 0; i < 16; i++) {
-        if (found < 0 && i < n && stack[i] >= HUF_START && stack[i] < HUF_END)
-            found = i;
-    }
-    if (found < 0)
-        return;  // not asleep in handle_userfault: leave the region unclassified
+        for (int i = 0; i < 16; i++) {
+            if (found < 0 && i < n && stack[i] >= HUF_START && stack[i] < HUF_END)
+                found = i;
+        }
+        if (found < 0)
+            return;  // not in handle_userfault (e.g. waiting for a lock in the retry): no sample
 #pragma unroll
-    for (int j = 0; j < 6; j++) {
-        int i = found + 1 + j;
-        if (i < 16 && i < n)
-            rs.frames[j] = stack[i];
+        for (int j = 0; j < 6; j++) {
+            int i = found + 1 + j;
+            if (i < 16 && i < n)
+                rs.frames[j] = stack[i];
+        }
+        if (regions.update(&key, &rs))
+            return;
     }
-    if (!regions.update(&key, &rs))
-        st->sampled = region + 1;
+    st->gen = gen;
+    st->sampled = region + 1;
 }
 
 // The end of st's stall. `returning`: T is on its way back to user space now; taken after the
