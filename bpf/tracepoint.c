@@ -9,6 +9,7 @@
 //   FOPS_IOCTL_OFF, UCTX_MM_OFF    whose faults it handles)
 //   HUF_START, HUF_END            [start, end) of handle_userfault, from /proc/kallsyms
 //   UWAKE_START, UWAKE_END        [start, end) of userfaultfd_wake_function
+//   IRQENTRY_START, IRQENTRY_END  the interrupt entry stubs (__irqentry_text_start/_end)
 //   UFFD_IOCTL                    address of userfaultfd_ioctl (a uffd file's unlocked_ioctl)
 //   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
 //   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
@@ -526,6 +527,32 @@ static __always_inline bool woken_in_uffd_wait(void *ctx, struct task_struct *p,
     return state == TASK_INTERRUPTIBLE || (state == 0 && in_uffd_wake(ctx));
 }
 
+// T, inside a fault, wakes a task of process `tgid`: handle_userfault notifying its handler,
+// or an interrupt that came meanwhile (a timer waking any task on this CPU)? Tracing starts
+// for the handler's process, so a process not traced yet is only taken on the evidence of the
+// stack: handle_userfault's wake_up_poll, with no interrupt entry above it. (A stack costs
+// ~0.7 us: once per new handler process, and per interrupt wakeup of an untraced task.)
+static __always_inline bool is_notify(void *ctx, u32 tgid) {
+#ifdef TRACE_ALL
+    return true;
+#else
+    if (is_tracked(tgid))
+        return true;
+    u64 stack[16] = {};
+    long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
+    int n = bytes > 0 ? (u64)bytes / 8 : 0;
+    bool found = false, irq = false;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        if (!found && i < n) {
+            found = stack[i] >= HUF_START && stack[i] < HUF_END;
+            irq |= stack[i] >= IRQENTRY_START && stack[i] < IRQENTRY_END;
+        }
+    }
+    return found && !irq;
+#endif
+}
+
 // (struct task_struct *p). sched_waking, unlike sched_wakeup, always fires in the waker's
 // context (a remote wakeup completes later, in an IPI on the wakee's CPU).
 RAW_TRACEPOINT_PROBE(sched_waking) {
@@ -538,7 +565,8 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     // sleeps interruptibly in read or poll (a kworker woken by I/O the fault issued is idle).
     struct fault_state *me = inflight.lookup(&cur_tid);
     if (is_active(me) && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me) &&
-        (task_field(p, TASK_STATE_OFF) & 0xff) == TASK_INTERRUPTIBLE) {
+        (task_field(p, TASK_STATE_OFF) & 0xff) == TASK_INTERRUPTIBLE &&
+        is_notify(ctx, task_field(p, TASK_TGID_OFF))) {
         me->notify_tid = p_tid;
         me->notify_tgid = task_field(p, TASK_TGID_OFF);
         set_flags(me, F_NOTIFIED);
