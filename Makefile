@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test vmtest lint bench
+.PHONY: setup demo test vmtest lint bench stress
 
 setup:
 	bash scripts/setup.sh
@@ -23,3 +23,8 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Attribution under stress: >= 10M faults, unpinned, every policy and backing, both modes,
+# checked fault by fault against ground truth (`$(PY) -m bench.stress --quick` for a slice).
+stress: setup
+	$(PY) -m bench.stress
