@@ -355,6 +355,7 @@ def test_existing_process_by_pid(tmp_path):
         ["record", "--duration", "nan", "--all"],
         ["record", "--duration", "inf", "--all"],
         ["record", "--plugin", "/tmp", "--all"],
+        ["record", "--mode", "light", "--ioctls", "/tmp/uffdtrace-ioctls.csv", "--", "true"],
         ["record", "--mode", "nope", "--all"],
         ["record", "--", "/nonexistent/command"],
         ["record", "-o", "/nonexistent/dir/x.csv", "--all"],

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="FILE.csv",
                    help="per-fault CSV (default: stdout)")
     p.add_argument("--ioctls", metavar="FILE.csv",
-                   help="also write one row per uffd ioctl of the traced processes (full mode): "
+                   help="also write one row per uffd ioctl of the traced processes (full mode, "
+                        "or any mode of the kprobe and fentry backends): "
                         "REGISTER, COPY, CONTINUE, WAKE... with range, mode, return value, errno, "
                         "mapped bytes, duration and the faults it woke")
     p.add_argument("-d", "--duration", type=float, metavar="S",
@@ -69,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--duration must be a positive number of seconds")
     if args.json and not args.output:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
-    if args.ioctls and args.mode != "full":
-        raise UserError("--ioctls needs --mode full (light mode does not trace ioctls)")
     pids = check_pids(args.pid)
     for pid in pids:
         if not uffd_inodes(pid):
@@ -101,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     stop_on_signals(session)
     try:
         session.start()
+        if args.ioctls and not session.backend.sees_ioctls():
+            raise UserError(f"--ioctls: the {session.backend.name} backend does not trace ioctls "
+                            f"in {args.mode} mode (use --mode full)")
         what = (f"command {' '.join(command)}" if launched else
                 "all processes" if args.all else "pid " + ", ".join(map(str, pids)))
         print(f"uffdtrace: tracing {what} ({session.backend.name} backend, {args.mode} mode), "
