@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test vmtest lint bench stress
+.PHONY: setup demo test unit vmtest lint bench stress
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The tests that need no root, BPF or kernel, in seconds (after one `make setup` as root).
+unit:
+	$(PY) -m pytest tests/unit
 
 # Only the VM tests: the kprobe and fentry backends on Debian's distro kernel under qemu TCG.
 vmtest: setup
