@@ -10,7 +10,7 @@
 //   HUF_START, HUF_END            [start, end) of handle_userfault, from /proc/kallsyms
 //   UWAKE_START, UWAKE_END        [start, end) of userfaultfd_wake_function
 //   IRQENTRY_START, IRQENTRY_END  the interrupt entry stubs (__irqentry_text_start/_end)
-//   UFFD_IOCTL                    address of userfaultfd_ioctl (a uffd file's unlocked_ioctl)
+//   UIOCTL_START, UIOCTL_END      [start, end) of userfaultfd_ioctl (a uffd file's unlocked_ioctl)
 //   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
 //   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
 //   TRACE_ALL                     every process instead of the `tracked` set
@@ -244,7 +244,7 @@ static __always_inline u64 uffd_of_fd(u32 fd) {
     if (!file)
         return 0;
     u64 fops = read_ptr(file, FILE_F_OP_OFF);
-    if (!fops || read_ptr((void *)fops, FOPS_IOCTL_OFF) != UFFD_IOCTL)
+    if (!fops || read_ptr((void *)fops, FOPS_IOCTL_OFF) != UIOCTL_START)
         return 0;
     return read_ptr(file, FILE_PRIVATE_OFF);
 }
@@ -502,17 +502,22 @@ struct read_state { u64 buf, ctx; };
 BPF_HASH(reads, u32, struct read_state, MAX_THREADS);  // tid -> read of a userfaultfd
 #endif
 
-// Is the current task's kernel stack inside userfaultfd_wake_function (a uffd wakeup:
-// CONTINUE, COPY, WAKE, or the context's release)? A stack costs ~0.7 us: rare paths only.
-static __always_inline bool in_uffd_wake(void *ctx) {
-    u64 stack[8] = {};
+// Who is waking a thread, from the current kernel stack: a uffd ioctl (CONTINUE, COPY, WAKE...
+// through userfaultfd_ioctl), the uffd's release (userfaultfd_wake_function without an ioctl:
+// closed, or its last holder exited), or something else (a signal). A stack costs ~0.7 us:
+// asked on rare paths only.
+enum waker { WAKER_OTHER = 0, WAKER_RELEASE = 1, WAKER_IOCTL = 2 };
+static __always_inline int uffd_waker(void *ctx) {
+    u64 stack[12] = {};
     long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
     int n = bytes > 0 ? (u64)bytes / 8 : 0;
-    bool found = false;
+    bool wake = false, ioctl = false;
 #pragma unroll
-    for (int i = 0; i < 8; i++)
-        found |= i < n && stack[i] >= UWAKE_START && stack[i] < UWAKE_END;
-    return found;
+    for (int i = 0; i < 12; i++) {
+        wake |= i < n && stack[i] >= UWAKE_START && stack[i] < UWAKE_END;
+        ioctl |= i < n && stack[i] >= UIOCTL_START && stack[i] < UIOCTL_END;
+    }
+    return ioctl ? WAKER_IOCTL : wake ? WAKER_RELEASE : WAKER_OTHER;
 }
 
 // T, woken before it was seen to switch out: is this the wakeup of its uffd wait? It must be
@@ -524,7 +529,7 @@ static __always_inline bool woken_in_uffd_wait(void *ctx, struct task_struct *p,
     if ((st->flags & F_OTHER_SLEEP) || !still_in_fault(st))
         return false;
     u32 state = task_field(p, TASK_STATE_OFF);
-    return state == TASK_INTERRUPTIBLE || (state == 0 && in_uffd_wake(ctx));
+    return state == TASK_INTERRUPTIBLE || (state == 0 && uffd_waker(ctx) != WAKER_OTHER);
 }
 
 // T, inside a fault, wakes a task of process `tgid`: handle_userfault notifying its handler,
@@ -595,8 +600,13 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
         st->ioctl_nr = io->cmd & 0xff;
         io->woken++;  // the waker's own state: no other CPU writes it
     } else {
-        // Not a uffd ioctl (rare: no stack on the hot path): the context's release, or a signal.
-        woken_by |= in_uffd_wake(ctx) ? F_RELEASED : F_SIGNALLED;
+        // No traced uffd ioctl (rare: no stack on the hot path). An ioctl of a process not
+        // traced yet still resolves it (its details unseen); else the uffd's release or a signal.
+        int waker = uffd_waker(ctx);
+        if (waker == WAKER_RELEASE)
+            woken_by |= F_RELEASED;
+        else if (waker == WAKER_OTHER)
+            woken_by |= F_SIGNALLED;
     }
 #endif
 #ifndef TRACE_ALL

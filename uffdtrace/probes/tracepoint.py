@@ -55,8 +55,8 @@ class TracepointBackend:
     _ring: RingBufferReader | None = field(default=None, repr=False)
 
     def cflags(self) -> list[str]:
-        huf, wake = (_function_range(f) for f in ("handle_userfault", "userfaultfd_wake_function"))
-        uffd_ioctl = _function_range("userfaultfd_ioctl")[0]
+        huf, wake, uffd_ioctl = (_function_range(f) for f in (
+            "handle_userfault", "userfaultfd_wake_function", "userfaultfd_ioctl"))
         irqentry = (_function_range("__irqentry_text_start")[0], _function_range("__irqentry_text_end")[0])
         flags = [f"-D{name}={offset}" for name, offset in _kernel_offsets().items()] + [
             f"-DHUF_START={huf[0]:#x}ULL",
@@ -65,7 +65,8 @@ class TracepointBackend:
             f"-DUWAKE_END={wake[1]:#x}ULL",
             f"-DIRQENTRY_START={irqentry[0]:#x}ULL",
             f"-DIRQENTRY_END={irqentry[1]:#x}ULL",
-            f"-DUFFD_IOCTL={uffd_ioctl:#x}ULL",
+            f"-DUIOCTL_START={uffd_ioctl[0]:#x}ULL",
+            f"-DUIOCTL_END={uffd_ioctl[1]:#x}ULL",
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
         ]
