@@ -98,7 +98,7 @@ class MisusePlugin(Plugin):
 
     def panels(self) -> list[Panel]:
         rows = tuple(sorted(self._counts.items()))
-        return [Panel("errors", (Table("failed ioctls, unresolved faults", ("what", "count"), rows,
+        return [Panel("errors", (Table("uffd errors", ("what", "count"), rows,
                                        sort=1),))]
 
     def finish(self) -> dict[str, pd.DataFrame]:
