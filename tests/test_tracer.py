@@ -315,7 +315,7 @@ def test_existing_process_by_pid(tmp_path):
     """-p PID: a workload that was already running when tracing started."""
     pid_file = tmp_path / "pid"
     work = subprocess.Popen(
-        [*UFFDTRACE, "exercise", "--pages", "3000", "--handler", "process", "--delay-s", "3",
+        [*UFFDTRACE, "exercise", "--pages", "3000", "--handler", "process", "--delay-s", "6",
          "--pid-file", str(pid_file), "--csv", str(tmp_path / "gt.csv"), "--json"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -327,7 +327,7 @@ def test_existing_process_by_pid(tmp_path):
         pid = int(pid_file.read_text())
         out = subprocess.run(
             [*UFFDTRACE, "record", "-p", str(pid), "-o", str(tmp_path / "rec.csv"), "--json",
-             "--duration", "6"],
+             "--duration", "9"],
             capture_output=True, text=True, timeout=60,
         )
     finally:
