@@ -49,29 +49,10 @@
 
 #include <uapi/linux/ptrace.h>
 
+#include "records.h"  // the records sent to user space, their flags and constants
+
 #define TASK_INTERRUPTIBLE 1
 
-enum event_type { EV_FAULT = 1, EV_IOCTL = 2 };
-
-// FAULT flags
-#define F_NOTIFIED 1       // T woke a task while in the fault (the uffd notify)
-#define F_BLOCKED 2        // T was switched out while in the fault
-#define F_WOKEN 4          // T was woken
-#define F_WOKEN_ON_CPU 8   // the wakeup came before T switched out
-#define F_EXITED 16        // T exited with the fault in flight
-#define F_MSG 32           // a handler read T's message (FULL_MODE, UFFD_FEATURE_THREAD_ID)
-#define F_SLEPT 64         // T slept interruptibly (handle_userfault's blocking state)
-#define F_OTHER_SLEEP 128  // T is asleep in the fault for another reason (e.g. I/O, a lock)
-#define F_RESUMED 256      // T ran again after the wakeup; resume_ns is its latest return
-#define F_OFF_AGAIN 512    // ... and was switched out again before leaving the fault
-#define F_UFFD 1024        // T entered handle_userfault (KPROBE_BACKEND); reason in `reason`
-#define F_HUGETLB 2048     // T's fault went through hugetlb_fault (KPROBE_BACKEND)
-#define F_SHMEM 4096       // ... through shmem's fault handler (KPROBE_BACKEND)
-#define F_ACTIVE 8192      // the entry holds a fault in flight (never in a record)
-#define F_BLOCKED_AT_END 16384  // set by user space: T was still asleep in the fault when tracing ended
-#define F_RELEASED 32768   // woken by its userfaultfd's release (closed, or its last holder exited),
-                           // not by an ioctl (TRACK_IOCTLS)
-#define F_SIGNALLED 65536  // woken by neither a uffd ioctl nor the release: a signal (TRACK_IOCTLS)
 // Which in-flight faults are uffd faults, and get a record when they end.
 #ifdef KPROBE_BACKEND
 #define F_RECORDED F_UFFD             // handle_userfault itself says so
@@ -82,43 +63,6 @@ enum event_type { EV_FAULT = 1, EV_IOCTL = 2 };
 // had its message read. (A notify alone proves nothing: an ordinary fault may wake a task.)
 #define F_RECORDED_AT_EXIT (F_RECORDED | F_SLEPT)
 #endif
-
-// IOCTL flags (KPROBE_BACKEND): kernel functions the ioctl went through
-#define IO_MFILL 1         // the mcopy/mfill function of its command; t2 = time inside
-#define IO_HUGETLB 2       // a hugetlb PTE-install function
-#define IO_SHMEM 4         // shmem's PTE-install function (COPY / ZEROPAGE)
-#define IO_PTE 8           // the generic PTE install (CONTINUE on shmem, anon)
-
-// Lost-record counters (per CPU).
-enum lost_reason { LOST_RINGBUF = 0, LOST_INFLIGHT_FULL = 1, LOST_IOCTL_FULL = 2, LOST_REASONS = 3 };
-
-// One fixed-size record for every type, so user space decodes the ring buffer with one numpy view.
-struct event {
-    u8 type;
-    u8 nr;           // IOCTL: _IOC_NR(cmd); FAULT: nr of the waker's ioctl
-    u16 woken;       // IOCTL: faults of traced threads this ioctl woke
-    u32 flags;       // FAULT: F_*  IOCTL: IO_*
-    u32 pid;
-    u32 tid;
-    u32 peer_pid;    // FAULT: waker; IOCTL: 0
-    u32 peer_tid;
-    u32 notify_tid;  // FAULT: task T woke while faulting (its handler)
-    u32 gen;         // FAULT: mapping generation of its region's sampled stack (`regions` key)
-    u64 t0;          // FAULT: fault_ns     IOCTL: enter_ns
-    u64 t1;          // FAULT: block_ns     IOCTL: exit_ns
-    u64 t2;          // FAULT: wake_ns      IOCTL: time inside the mcopy/mfill function
-    u64 t3;          // FAULT: resume_ns    IOCTL: time inside PTE-install functions
-    u64 t4;          // FAULT: msg_ns
-    u64 t5;          // FAULT: enter_ns of the waker's in-flight uffd ioctl
-    u64 t6;          // FAULT: return_ns (back to user space)
-    u64 addr;        // FAULT: address      IOCTL: range start
-    u64 len;         // FAULT: error code   IOCTL: range length
-    u64 x;           // FAULT: msg flags    IOCTL: mode
-    s64 ret;         // FAULT: msg reader tid  IOCTL: return value
-    s64 mapped;      // IOCTL: mapped / copy / zeropage field  FAULT: handle_userfault's reason
-    u64 mm;          // FAULT: T's address space  IOCTL: the one the userfaultfd serves
-    char comm[16];
-};
 
 struct fault_state {
     u64 fault_ns, block_ns, wake_ns, resume_ns, return_ns, msg_ns, ioctl_enter_ns;
@@ -163,18 +107,18 @@ static __always_inline void count_lost(int reason) {
         (*n)++;
 }
 
-// A zeroed record of `type` from (tgid, tid), or NULL (counted) when the ring buffer is full.
-static __always_inline struct event *new_event(u8 type, u32 tgid, u32 tid) {
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
+// A zeroed record from (tgid, tid) whose type the caller sets, or NULL (counted) when the ring
+// buffer is full. Every record takes a union record: one stride for user space.
+static __always_inline union record *new_record(u32 tgid, u32 tid) {
+    union record *r = events.ringbuf_reserve(sizeof(union record));
+    if (!r) {
         count_lost(LOST_RINGBUF);
         return NULL;
     }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->type = type;
-    e->pid = tgid;
-    e->tid = tid;
-    return e;
+    __builtin_memset(r, 0, sizeof(*r));
+    r->fault.pid = tgid;  // at the same offsets in both records
+    r->fault.tid = tid;
+    return r;
 }
 
 static __always_inline int log2_us_slot(u64 ns) {
@@ -343,6 +287,27 @@ static __always_inline bool still_in_fault(struct fault_state *st) {
     return orig_ax_ip[1] == st->ip && orig_ax_ip[0] == (u64)-1;
 }
 
+#define STACK_FRAMES 16
+#define WAKER_FRAMES 12  // a uffd wakeup's frames are few (and fewer keep the verifier's work down)
+
+// The current kernel stack, innermost first, into stack[frames]; the number of frames.
+// (A stack costs ~0.7 us: taken on rare paths only.)
+static __always_inline int kernel_stack(void *ctx, u64 *stack, int frames) {
+    long bytes = bpf_get_stack(ctx, stack, frames * sizeof(u64), 0);
+    return bytes > 0 ? (u64)bytes / 8 : 0;
+}
+
+// The index of handle_userfault's frame in stack, or -1.
+static __always_inline int huf_frame(u64 *stack, int n) {
+    int found = -1;
+#pragma unroll
+    for (int i = 0; i < STACK_FRAMES; i++) {
+        if (found < 0 && i < n && stack[i] >= HUF_START && stack[i] < HUF_END)
+            found = i;
+    }
+    return found;
+}
+
 // Make sure T's fault region has a sampled stack; in T's context, inside its fault. st->gen and
 // st->sampled name a `regions` entry that exists (the record's key), or are left as they were.
 static __always_inline void sample_region(void *ctx, struct fault_state *st) {
@@ -353,22 +318,16 @@ static __always_inline void sample_region(void *ctx, struct fault_state *st) {
         return;
     struct region_key key = {.tgid = st->tgid, .gen = gen, .region = region};
     if (!regions.lookup(&key)) {
-        u64 stack[16] = {};
-        long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
-        int n = bytes > 0 ? (u64)bytes / 8 : 0;
-        struct region_stack rs = {};
-        int found = -1;
-#pragma unroll
-        for (int i = 0; i < 16; i++) {
-            if (found < 0 && i < n && stack[i] >= HUF_START && stack[i] < HUF_END)
-                found = i;
-        }
+        u64 stack[STACK_FRAMES] = {};
+        int n = kernel_stack(ctx, stack, STACK_FRAMES);
+        int found = huf_frame(stack, n);
         if (found < 0)
             return;  // not in handle_userfault (e.g. waiting for a lock in the retry): no sample
+        struct region_stack rs = {};
 #pragma unroll
         for (int j = 0; j < 6; j++) {
             int i = found + 1 + j;
-            if (i < 16 && i < n)
+            if (i < STACK_FRAMES && i < n)
                 rs.frames[j] = stack[i];
         }
         if (regions.update(&key, &rs))
@@ -391,33 +350,35 @@ static __always_inline void end_stall(struct fault_state *st, bool returning) {
 // The FAULT record of st. (One NULL check of the record only: Linux 6.1's verifier cannot
 // tell that a reserved record checked once is not NULL, and then sees it leak.)
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning) {
-    struct event *e = new_event(EV_FAULT, pid, tid);
-    if (!e) {
+    union record *r = new_record(pid, tid);
+    if (!r) {
         end_stall(st, returning);
         return;
     }
+    struct fault_record *e = &r->fault;
+    e->type = EV_FAULT;
     e->flags = st->flags & ~F_ACTIVE;
-    e->nr = st->ioctl_nr;
-    e->peer_pid = st->waker_pid;
-    e->peer_tid = st->waker_tid;
+    e->waker_nr = st->ioctl_nr;
+    e->waker_pid = st->waker_pid;
+    e->waker_tid = st->waker_tid;
     e->notify_tid = st->notify_tid;
     e->gen = st->gen;
-    e->t0 = st->fault_ns;
-    e->t1 = st->block_ns;
-    e->t2 = st->wake_ns;
-    e->t3 = st->resume_ns;
-    e->t4 = st->msg_ns;
-    e->t5 = st->ioctl_enter_ns;
+    e->fault_ns = st->fault_ns;
+    e->block_ns = st->block_ns;
+    e->wake_ns = st->wake_ns;
+    e->resume_ns = st->resume_ns;
+    e->msg_ns = st->msg_ns;
+    e->waker_ioctl_ns = st->ioctl_enter_ns;
     e->addr = st->addr;
-    e->len = st->error_code;
-    e->x = st->msg_flags;
-    e->ret = st->msg_tid;
-    e->mapped = st->reason;
+    e->error_code = st->error_code;
+    e->msg_flags = st->msg_flags;
+    e->msg_tid = st->msg_tid;
+    e->reason = st->reason;
     e->mm = st->mm;
     __builtin_memcpy(e->comm, st->comm, sizeof(e->comm));
     end_stall(st, returning);
-    e->t6 = st->return_ns;
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    e->return_ns = st->return_ns;
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
 // (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
@@ -504,16 +465,14 @@ BPF_HASH(reads, u32, struct read_state, MAX_THREADS);  // tid -> read of a userf
 
 // Who is waking a thread, from the current kernel stack: a uffd ioctl (CONTINUE, COPY, WAKE...
 // through userfaultfd_ioctl), the uffd's release (userfaultfd_wake_function without an ioctl:
-// closed, or its last holder exited), or something else (a signal). A stack costs ~0.7 us:
-// asked on rare paths only.
+// closed, or its last holder exited), or something else (a signal).
 enum waker { WAKER_OTHER = 0, WAKER_RELEASE = 1, WAKER_IOCTL = 2 };
 static __always_inline int uffd_waker(void *ctx) {
-    u64 stack[12] = {};
-    long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
-    int n = bytes > 0 ? (u64)bytes / 8 : 0;
+    u64 stack[WAKER_FRAMES] = {};
+    int n = kernel_stack(ctx, stack, WAKER_FRAMES);
     bool wake = false, ioctl = false;
 #pragma unroll
-    for (int i = 0; i < 12; i++) {
+    for (int i = 0; i < WAKER_FRAMES; i++) {
         wake |= i < n && stack[i] >= UWAKE_START && stack[i] < UWAKE_END;
         ioctl |= i < n && stack[i] >= UIOCTL_START && stack[i] < UIOCTL_END;
     }
@@ -535,20 +494,19 @@ static __always_inline bool woken_in_uffd_wait(void *ctx, struct task_struct *p,
 // T, inside a fault, wakes a task of process `tgid`: handle_userfault notifying its handler,
 // or an interrupt that came meanwhile (a timer waking any task on this CPU)? Tracing starts
 // for the handler's process, so a process not traced yet is only taken on the evidence of the
-// stack: handle_userfault's wake_up_poll, with no interrupt entry above it. (A stack costs
-// ~0.7 us: once per new handler process, and per interrupt wakeup of an untraced task.)
+// stack: handle_userfault's wake_up_poll, with no interrupt entry above it. (A stack: once
+// per new handler process, and per interrupt wakeup of an untraced task.)
 static __always_inline bool is_notify(void *ctx, u32 tgid) {
 #ifdef TRACE_ALL
     return true;
 #else
     if (is_tracked(tgid))
         return true;
-    u64 stack[16] = {};
-    long bytes = bpf_get_stack(ctx, stack, sizeof(stack), 0);
-    int n = bytes > 0 ? (u64)bytes / 8 : 0;
+    u64 stack[STACK_FRAMES] = {};
+    int n = kernel_stack(ctx, stack, STACK_FRAMES);
     bool found = false, irq = false;
 #pragma unroll
-    for (int i = 0; i < 16; i++) {
+    for (int i = 0; i < STACK_FRAMES; i++) {
         if (!found && i < n) {
             found = stack[i] >= HUF_START && stack[i] < HUF_END;
             irq |= stack[i] >= IRQENTRY_START && stack[i] < IRQENTRY_END;
@@ -698,13 +656,6 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
 }
 
 #ifdef TRACK_IOCTLS
-#define UFFDIO_TYPE 0xAA
-#define NR_CONTINUE 0x07
-#define NR_COPY 0x03
-#define NR_ZEROPAGE 0x04
-#define NR_MOVE 0x05
-#define NR_POISON 0x08
-
 // A uffd ioctl entered (cmd, its user argument, the uffd's context): remember it until it
 // returns.
 static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg, u64 ctx) {
@@ -714,7 +665,7 @@ static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg, u64 ctx) {
     // except uffdio_copy and uffdio_move {dst, src, len, mode, result}.
     u64 a[4] = {};
     bpf_probe_read_user(a, sizeof(a), (void *)arg);
-    if ((cmd & 0xff) == NR_COPY || (cmd & 0xff) == NR_MOVE) {
+    if ((cmd & 0xff) == UFFDIO_NR_COPY || (cmd & 0xff) == UFFDIO_NR_MOVE) {
         io.start = a[0];
         io.len = a[2];
         io.mode = a[3];
@@ -734,39 +685,41 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     u64 now = bpf_ktime_get_ns();
     u32 nr = io->cmd & 0xff;
     s64 mapped = 0;
-    if (nr == NR_CONTINUE || nr == NR_ZEROPAGE || nr == NR_POISON)  // mapped / zeropage / updated
+    // the result field: mapped / zeropage / updated, or copy / move
+    if (nr == UFFDIO_NR_CONTINUE || nr == UFFDIO_NR_ZEROPAGE || nr == UFFDIO_NR_POISON)
         bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 24));
-    else if (nr == NR_COPY || nr == NR_MOVE)  // copy / move
+    else if (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE)
         bpf_probe_read_user(&mapped, 8, (void *)(io->arg + 32));
     u64 enter_ns = io->enter_ns;
-    if (nr == NR_CONTINUE)
+    if (nr == UFFDIO_NR_CONTINUE)
         continue_hist.increment(log2_us_slot(now - enter_ns));
     io->enter_ns = 0;  // no ioctl in flight any more
-    struct event *e = new_event(EV_IOCTL, tgid, tid);
-    if (!e)
+    union record *r = new_record(tgid, tid);
+    if (!r)
         return;
+    struct ioctl_record *e = &r->ioctl;
+    e->type = EV_IOCTL;
     e->nr = nr;
     e->flags = io->flags;
     e->woken = io->woken;
-    e->t0 = enter_ns;
-    e->t1 = now;
-    e->t2 = io->mfill_ns;
-    e->t3 = io->install_ns;
-    e->addr = io->start;
+    e->enter_ns = enter_ns;
+    e->exit_ns = now;
+    e->mfill_ns = io->mfill_ns;
+    e->install_ns = io->install_ns;
+    e->start = io->start;
     e->len = io->len;
-    e->x = io->mode;
+    e->mode = io->mode;
     e->ret = ret;
     e->mapped = mapped;
     e->mm = io->mm;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 #endif
 
 #ifdef FULL_MODE
-#define NR_READ 0
-#define NR_IOCTL 16
-#define UFFD_EVENT_PAGEFAULT 0x12
+#define SYSCALL_READ 0
+#define SYSCALL_IOCTL 16
 #define MAX_MSGS 16
 
 // (struct pt_regs *regs, long id)
@@ -776,22 +729,22 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     if (!is_tracked(tgid))
         return 0;
     long nr = ctx->args[1];
-    if (nr != NR_IOCTL && nr != NR_READ)
+    if (nr != SYSCALL_IOCTL && nr != SYSCALL_READ)
         return 0;
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     u32 tid = (u32)id;
     u64 dx_si_di[3] = {};  // the third, second and first arguments, adjacent in pt_regs
     bpf_probe_read_kernel(dx_si_di, sizeof(dx_si_di), &regs->dx);
 #ifdef IOCTL_KPROBE  // userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
-    if (nr == NR_IOCTL)
+    if (nr == SYSCALL_IOCTL)
         return 0;
 #endif
-    if (nr == NR_IOCTL && (((u32)dx_si_di[1] >> 8) & 0xff) != UFFDIO_TYPE)
+    if (nr == SYSCALL_IOCTL && (((u32)dx_si_di[1] >> 8) & 0xff) != UFFDIO_TYPE)
         return 0;
     u64 uffd = uffd_of_fd((u32)dx_si_di[2]);
     if (!uffd)
         return 0;
-    if (nr == NR_READ) {
+    if (nr == SYSCALL_READ) {
         struct read_state rs = {.buf = dx_si_di[1], .ctx = uffd};
         struct read_state *slot = reads.lookup_or_try_init(&tid, &rs);
         if (slot)

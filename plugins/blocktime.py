@@ -17,39 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from uffdtrace.aggregate import LogHistogram, all_blocked_ns, merge_intervals
 from uffdtrace.plugins import Panel, Plugin, RunContext, Table
-from uffdtrace_plugins.latency import LogHistogram
 
 COLUMNS = ("pid", "tid", "comm", "fault_ns", "stall_ns")
-
-
-def merge_intervals(pid: np.ndarray, tid: np.ndarray, start: np.ndarray, end: np.ndarray,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The union of [start, end) per thread, as disjoint intervals (pid, start, end) sorted by
-    pid."""
-    if not pid.size:
-        return pid, start, end
-    order = np.lexsort((start, tid, pid))
-    pid, tid, start, end = pid[order], tid[order], start[order], end[order]
-    same = np.zeros(pid.size, dtype=bool)
-    same[1:] = (pid[1:] == pid[:-1]) & (tid[1:] == tid[:-1])
-    thread = np.cumsum(~same)
-    reach = pd.Series(end).groupby(thread).cummax().to_numpy()  # furthest end so far
-    new = ~same
-    new[1:] |= start[1:] > reach[:-1]
-    first = np.flatnonzero(new)
-    return pid[first], start[first], np.maximum.reduceat(end, first)
-
-
-def all_blocked_ns(start: np.ndarray, end: np.ndarray, threads: int) -> int:
-    """Time covered by `threads` of the (per-thread disjoint) intervals at once."""
-    if threads == 0 or start.size < threads:
-        return 0
-    times = np.concatenate([start, end])
-    delta = np.concatenate([np.ones(start.size, np.int64), -np.ones(end.size, np.int64)])
-    order = np.lexsort((delta, times))  # at equal times ends go first: intervals are half-open
-    times, depth = times[order], np.cumsum(delta[order])
-    return int(np.diff(times)[depth[:-1] == threads].sum())
 
 
 class BlocktimePlugin(Plugin):

@@ -16,50 +16,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from uffdtrace.aggregate import LogHistogram, log2_us_buckets
 from uffdtrace.plugins import Histogram, Panel, Plugin, RunContext, Table
 
 METRICS = ("stall_ns", "notify_ns", "handler_ns", "continue_ns", "wake_to_run_ns")
 PERCENTILES = {"p50_ns": 50, "p90_ns": 90, "p99_ns": 99, "p99_9_ns": 99.9}
 PANEL_VIEWS = {"stall": ("stall_ns", "notify_ns", "wake_to_run_ns"),
                "continue": ("continue_ns", "handler_ns")}
-SUB_BUCKETS = 16  # per power of two in LogHistogram: percentiles within ~4 %
-
-
-def log2_us_buckets(ns: np.ndarray) -> np.ndarray:
-    """Bucket index of each duration: floor(log2(us)), with anything under 2 us in bucket 0."""
-    us = np.maximum(ns // 1000, 1)
-    return np.frexp(us.astype(np.float64))[1] - 1
-
-
-class LogHistogram:
-    """Running counts of ns durations in log-linear bins: cheap to add to, percentiles within
-    a few percent. Groups: one histogram per row of `counts`."""
-
-    BINS = 64 * SUB_BUCKETS
-
-    def __init__(self, groups: int = 1) -> None:
-        self.counts = np.zeros((groups, self.BINS), dtype=np.int64)
-
-    def grow(self, groups: int) -> None:
-        """Have at least `groups` groups (new ones empty)."""
-        more = groups - len(self.counts)
-        if more > 0:
-            self.counts = np.vstack([self.counts, np.zeros((more, self.BINS), dtype=np.int64)])
-
-    def add(self, ns: np.ndarray, group: np.ndarray | None = None) -> None:
-        """Count durations `ns` (into group 0, or each into its `group`)."""
-        fine = np.log2(np.maximum(ns, 1).astype(np.float64)) * SUB_BUCKETS
-        index = fine.astype(np.int64) + (0 if group is None else group * self.BINS)
-        self.counts += np.bincount(index, minlength=self.counts.size).reshape(self.counts.shape)
-
-    def percentile(self, q: float) -> np.ndarray:
-        """Per group: the q-th percentile in ns (geometric middle of its bin; 0 when empty)."""
-        cum = self.counts.cumsum(axis=1)
-        rank = np.ceil(cum[:, -1] * q / 100).clip(1)
-        index = (cum < rank[:, None]).sum(axis=1)
-        return np.where(cum[:, -1] > 0, 2 ** ((index + 0.5) / SUB_BUCKETS), 0)
-
-
 def histogram_view(title: str, counts: np.ndarray, hist: LogHistogram) -> Histogram:
     """A Histogram panel view of log2 us bucket `counts` (the non-empty range), with
     percentiles from `hist`."""

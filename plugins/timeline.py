@@ -1,13 +1,19 @@
-"""Fault rate over time: per interval (option interval_s) faults/s, CONTINUE/s and p99 stall.
+"""Fault rate over time: per interval (option interval_s) faults/s, the resolving ioctls of
+each type per second, and p99 stall.
 
 Table:
-  intervals  start_ns, t_s, faults, faults_per_s, continue_per_s, p99_stall_ns
+  intervals  start_ns, t_s, faults, faults_per_s, continue_per_s, copy_per_s, zeropage_per_s,
+             move_per_s, poison_per_s, wake_per_s, p99_stall_ns
 
-Intervals are aligned to multiples of interval_s of CLOCK_MONOTONIC, by fault_ns; t_s is the
-interval's start in seconds from the first one. Intervals without faults are listed with 0.
+The ioctl rates count successful calls (ioctl rows: full mode) by their exit, whether or not a
+traced thread waited for them: a migration's background stream of COPYs counts too.
+Intervals are aligned to multiples of interval_s of CLOCK_MONOTONIC, by fault_ns (ioctls: by
+exit_ns); t_s is the interval's start in seconds from the first one. Intervals without faults
+or ioctls are listed with 0.
 
-Panel (live viewers): faults/s and CONTINUE/s in the last complete second, their peak and the
-last minute, per second of CLOCK_MONOTONIC (the data's own clock when replayed: no tick()).
+Panel (live viewers): faults/s and each ioctl type seen per second in the last complete second,
+their peak and the last minute, per second of CLOCK_MONOTONIC (the data's own clock when
+replayed: no tick()).
 """
 
 from __future__ import annotations
@@ -19,28 +25,31 @@ import pandas as pd
 
 from uffdtrace.plugins import Panel, Plugin, Rate, Rates, RunContext
 
-COLUMNS = ["start_ns", "t_s", "faults", "faults_per_s", "continue_per_s", "p99_stall_ns"]
+RESOLVING = ("CONTINUE", "COPY", "ZEROPAGE", "MOVE", "POISON", "WAKE")
+COLUMNS = ["start_ns", "t_s", "faults", "faults_per_s", *(f"{r.lower()}_per_s" for r in RESOLVING),
+           "p99_stall_ns"]
 HISTORY_S = 60
 
 
 class TimelinePlugin(Plugin):
     name = "timeline"
-    description = "faults/s, CONTINUE/s and p99 stall per interval"
+    description = "faults/s, resolving ioctls/s by type and p99 stall per interval"
     options: ClassVar[dict[str, Any]] = {"interval_s": 1.0}
-    columns = ("fault_ns", "resolver", "stall_ns")
+    columns = ("fault_ns", "stall_ns")
 
     def start(self, ctx: RunContext) -> None:
         if ctx.options["interval_s"] <= 0:
             raise ValueError("option interval_s must be positive")
         self.interval_ns = int(ctx.options["interval_s"] * 1e9)
-        self._parts: list[pd.DataFrame] = []
+        self._faults: list[pd.DataFrame] = []
+        self._ioctls: list[pd.DataFrame] = []
         self.keep = ctx.tables
         self._now_s: int | None = None
         self.reset()
 
     def reset(self) -> None:
-        self._per_s: dict[str, dict[int, int]] = {"faults/s": {}, "CONTINUE/s": {}}
-        self._peak = dict.fromkeys(self._per_s, 0)
+        self._per_s: dict[str, dict[int, int]] = {"faults/s": {}}
+        self._peak: dict[str, float] = {"faults/s": 0}
         self._last_s = 0  # latest second seen in the data
 
     def tick(self, now_ns: int) -> None:
@@ -49,16 +58,27 @@ class TimelinePlugin(Plugin):
     def batch(self, df: pd.DataFrame) -> None:
         df = df[df["fault_ns"].notna()]
         fault_ns = df["fault_ns"].to_numpy(np.int64)
-        is_continue = (df["resolver"] == "CONTINUE").fillna(False).to_numpy(bool)
         if self.keep:
-            self._parts.append(pd.DataFrame({"slot": fault_ns // self.interval_ns,
-                                             "continue": is_continue,
-                                             "stall_ns": df["stall_ns"].astype("Float64")}))
-        second = pd.Series(fault_ns // 1_000_000_000)
-        for name, rows in (("faults/s", second), ("CONTINUE/s", second[is_continue])):
-            counts = self._per_s[name]
-            for s, n in rows.value_counts().items():
-                counts[int(s)] = counts.get(int(s), 0) + int(n)
+            self._faults.append(pd.DataFrame({"slot": fault_ns // self.interval_ns,
+                                              "stall_ns": df["stall_ns"].astype("Float64")}))
+        self._count("faults/s", fault_ns)
+
+    def ioctls(self, df: pd.DataFrame) -> None:
+        df = df[df["ioctl"].isin(RESOLVING).fillna(False) & (df["errno"] == 0).fillna(False)
+                & df["exit_ns"].notna()]
+        exit_ns = df["exit_ns"].to_numpy(np.int64)
+        if self.keep:
+            self._ioctls.append(pd.DataFrame({"slot": exit_ns // self.interval_ns,
+                                              "ioctl": df["ioctl"].to_numpy(object)}))
+        for name in df["ioctl"].unique():
+            self._count(f"{name}/s", exit_ns[(df["ioctl"] == name).to_numpy(bool)])
+
+    def _count(self, rate: str, instants_ns: np.ndarray) -> None:
+        counts = self._per_s.setdefault(rate, {})
+        self._peak.setdefault(rate, 0)
+        second = pd.Series(instants_ns // 1_000_000_000)
+        for s, n in second.value_counts().items():
+            counts[int(s)] = counts.get(int(s), 0) + int(n)
         if len(second):
             self._last_s = max(self._last_s, int(second.max()))
 
@@ -75,20 +95,27 @@ class TimelinePlugin(Plugin):
         return [Panel("rates", (Rates("rates, last minute", tuple(rates)),))]
 
     def finish(self) -> dict[str, pd.DataFrame]:
-        parts = [p for p in self._parts if not p.empty]
-        if not parts:
+        faults = [p for p in self._faults if not p.empty]
+        ioctls = [p for p in self._ioctls if not p.empty]
+        if not faults and not ioctls:
             return {"intervals": pd.DataFrame(columns=COLUMNS)}
-        df = pd.concat(parts, ignore_index=True)
-        g = df.groupby("slot")
-        slots = np.arange(df["slot"].min(), df["slot"].max() + 1)
-        out = pd.DataFrame({"faults": g.size(), "continues": g["continue"].sum(),
-                            "p99": g["stall_ns"].quantile(0.99)}).reindex(slots)
+        f = pd.concat(faults or [_frame(slot="int64", stall_ns="Float64")], ignore_index=True)
+        io = pd.concat(ioctls or [_frame(slot="int64", ioctl="object")], ignore_index=True)
+        used = pd.concat([f["slot"], io["slot"]]).astype(np.int64)
+        slots = np.arange(used.min(), used.max() + 1)
+        g = f.groupby("slot")
+        per_slot = pd.DataFrame({"faults": g.size(), "p99": g["stall_ns"].quantile(0.99)}).reindex(slots)
+        by_type = io.groupby(["slot", "ioctl"]).size().unstack(fill_value=0).reindex(slots, fill_value=0)
         seconds = self.interval_ns / 1e9
-        return {"intervals": pd.DataFrame({
-            "start_ns": slots * self.interval_ns,
-            "t_s": (slots - slots[0]) * seconds,
-            "faults": out["faults"].fillna(0).astype(np.int64).to_numpy(),
-            "faults_per_s": out["faults"].fillna(0).to_numpy(np.float64) / seconds,
-            "continue_per_s": out["continues"].fillna(0).to_numpy(np.float64) / seconds,
-            "p99_stall_ns": out["p99"].round().astype("Int64").to_numpy(),
-        }, columns=COLUMNS)}
+        faults_n = per_slot["faults"].fillna(0).astype(np.int64).to_numpy()
+        out = {"start_ns": slots * self.interval_ns, "t_s": (slots - slots[0]) * seconds,
+               "faults": faults_n, "faults_per_s": faults_n / seconds}
+        for r in RESOLVING:
+            n = by_type[r].to_numpy(np.float64) if r in by_type else np.zeros(len(slots))
+            out[f"{r.lower()}_per_s"] = n / seconds
+        out["p99_stall_ns"] = per_slot["p99"].round().astype("Int64").to_numpy()
+        return {"intervals": pd.DataFrame(out, columns=COLUMNS)}
+
+
+def _frame(**dtypes: str) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})

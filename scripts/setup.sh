@@ -46,8 +46,9 @@ if [[ ! -e /sys/kernel/debug/tracing ]]; then
 fi
 
 # BCC compiles against /lib/modules/$(uname -r)/build. With no headers for the running kernel,
-# point it at Debian's newest installed ones (DESIGN §4): only tracepoint structs (generated
-# from tracefs at run time) and BPF helpers are used, so a version mismatch is harmless.
+# point it at Debian's newest installed ones (docs/design.md, 'Kernel-header fallback'): the
+# BPF programs take only struct pt_regs and BCC's helpers from them (struct offsets come from
+# the running kernel's BTF), so a version mismatch is harmless.
 kdir="/lib/modules/$(uname -r)"
 if [[ ! -e "$kdir/build/include/linux/kconfig.h" && ! -e "$kdir/source/include/linux/kconfig.h" ]]; then
     arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from uffdtrace.errors import UserError
 from uffdtrace.probes import capabilities as cap
+from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
@@ -87,19 +89,41 @@ def test_bpf_features_load(caps: cap.Capabilities) -> None:
         assert caps.ok(name), caps.check(name)
 
 
-def test_kprobes_and_fentry_are_missing_here(caps: cap.Capabilities) -> None:
+def test_kprobes_and_fentry_as_this_kernel_has_them(caps: cap.Capabilities) -> None:
+    """Held against independent evidence, so the test holds on kernels with and without them:
+    the kprobe PMU, and bpftool's probe of the `tracing` program type (fentry/fexit)."""
     kprobes, fentry = caps.check("kprobes"), caps.check("fentry")
-    assert not kprobes.ok and "handle_userfault" in kprobes.detail
-    assert "CONFIG_KPROBES" in kprobes.fix and "tracepoint backend" in kprobes.fix
-    assert not fentry.ok and "KFUNC_PROBE" in fentry.detail and fentry.fix
+    assert kprobes.ok == Path("/sys/bus/event_source/devices/kprobe").exists(), kprobes
+    if not kprobes.ok:
+        assert "handle_userfault" in kprobes.detail
+        assert "CONFIG_KPROBES" in kprobes.fix and "tracepoint backend" in kprobes.fix
+    probe = subprocess.run(["bpftool", "feature", "probe", "kernel"], capture_output=True,
+                           text=True, check=True).stdout
+    assert fentry.ok == ("eBPF program_type tracing is available" in probe), fentry
+    if not fentry.ok:
+        assert "KFUNC_PROBE" in fentry.detail and fentry.fix
 
 
 def test_every_needed_tracepoint_is_attached(caps: cap.Capabilities) -> None:
-    assert len(cap.TRACEPOINTS) == 9
     for tp in cap.TRACEPOINTS:
         check = caps.check(tp)
         assert check.ok, check
         assert "raw tracepoint attached" in check.detail
+
+
+@pytest.mark.parametrize("mode", cap.MODES)
+def test_doctor_checks_what_the_backend_attaches(mode: str) -> None:
+    """doctor's list of tracepoints is the tracepoint backend's, mode by mode."""
+    backend = TracepointBackend(mode, TraceScope())
+    try:
+        backend.start()
+        attached = set(backend.raw_tracepoints())
+    finally:
+        backend.close()
+    listed = [*cap.LIGHT_TRACEPOINTS, *(cap.SYSCALL_TRACEPOINTS if mode == "full" else ())]
+    listed += [tp for tp in cap.OPTIONAL_TRACEPOINTS if Path(
+        "/sys/kernel/tracing/events", *tp.split(":")).exists()]
+    assert attached == {tp.split(":")[1] for tp in listed}
 
 
 def test_symbols_match_kallsyms(caps: cap.Capabilities) -> None:

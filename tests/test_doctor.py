@@ -102,3 +102,16 @@ def test_doctor_exit_status_follows_the_verdict(
     verdict = json.loads(capsys.readouterr().out)["verdict"]
     assert not verdict["tracing_possible"] and verdict["auto"] is None
     assert verdict["reason"].startswith("tracing is impossible here: bcc missing")
+
+
+def test_doctor_without_bcc_says_so(tmp_path: Path) -> None:
+    """With no importable bcc (a directory named bcc/ without a module shadows Debian's),
+    doctor still runs and names what is missing: commands are imported only when they run."""
+    (tmp_path / "bcc").mkdir()
+    (tmp_path / "bcc" / "__init__.py").write_text("raise ImportError('no bcc here')\n")
+    res = uffdtrace("doctor", PYTHONPATH=f"{tmp_path}:{REPO}")
+    assert res.returncode != 0 and "Traceback" not in res.stdout + res.stderr
+    assert "tracing is impossible here: bcc missing (cannot import bcc" in res.stdout
+    assert cap.FIX_BCC.split(",")[0] in res.stdout
+    for command in ("exercise", "report", "plugins"):  # none of these needs bcc
+        assert uffdtrace(command, "--help", PYTHONPATH=f"{tmp_path}:{REPO}").returncode == 0, command

@@ -125,6 +125,25 @@ def test_signal_cleans_up(tmp_path, sig, status):
     assert not handler_processes(pid)
 
 
+def test_hugepages_of_a_sigkilled_run_are_given_back_by_the_next():
+    """SIGKILL leaves no chance to shrink the pool: the next hugetlb run returns those pages."""
+    before = nr_hugepages()
+    killed = subprocess.Popen(
+        [*UFFDTRACE, "exercise", "--backing", "hugetlb", "--pages",
+         str(available_hugepages() + 4), "--delay-s", "30"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while nr_hugepages() == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert nr_hugepages() == before + 4
+    killed.kill()
+    killed.wait()
+    assert nr_hugepages() == before + 4
+    out = uffdtrace("exercise", "--backing", "hugetlb", "--pages", "2")
+    assert out.returncode == 0, out.stderr
+    assert nr_hugepages() == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -21,7 +21,7 @@ from uffdtrace.exerciser import (
     reserved_hugepages,
     run,
 )
-from uffdtrace.exerciser.hugepages import available_hugepages, nr_hugepages
+from uffdtrace.exerciser.hugepages import LEDGER, NR_HUGEPAGES, available_hugepages, nr_hugepages
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -292,6 +292,19 @@ def test_reserved_hugepages_restores_on_exception():
     with pytest.raises(RuntimeError), reserved_hugepages(available_hugepages() + 3):
         assert nr_hugepages() == before + 3
         raise RuntimeError("boom")
+    assert nr_hugepages() == before
+
+
+def test_reserved_hugepages_gives_back_a_dead_runs_pages_not_a_live_ones():
+    """The ledger names a run by pid and start time: an entry whose pid now belongs to another
+    process (this one) is of a dead run, and its pages go back; this live run's stay."""
+    before = nr_hugepages()
+    with reserved_hugepages(available_hugepages() + 2):
+        NR_HUGEPAGES.write_text(str(before + 5))  # 3 more, added by a run that died ...
+        (LEDGER / f"{os.getpid()}-1-0-3").touch()  # ... and whose pid is now this process's
+        with reserved_hugepages(1):
+            pass
+        assert nr_hugepages() == before + 2
     assert nr_hugepages() == before
 
 

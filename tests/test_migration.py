@@ -123,6 +123,16 @@ def test_bad_input_is_one_line():
         MigrationConfig(pattern="zigzag").validated()
 
 
+def test_not_root_is_one_line():
+    """Not pyroute2's traceback from the first namespace it cannot mount."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    out = subprocess.run([*nobody, *UFFDTRACE, "migrate", "--size", "8"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr == "uffdtrace: migrate needs root (network namespaces, hugepages): run it as root\n"
+
+
 def test_comparison_table():
     out = subprocess.run([*UFFDTRACE, "migrate", "--size", "8", "--bandwidth", "1", "2",
                           "--prefetch", "both"], capture_output=True, text=True, timeout=120)

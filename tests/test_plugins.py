@@ -15,16 +15,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from uffdtrace.aggregate import log2_us_buckets
 from uffdtrace.errors import UserError
 from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
 from uffdtrace.plugins import Plugin, PluginInfo, RunContext, installed, parse_options, resolve
+from uffdtrace.sinks import plugins as host
 from uffdtrace.sinks.csv import CsvSink
 from uffdtrace.sinks.plugins import PluginSink, format_tables
 from uffdtrace_plugins.blocktime import BlocktimePlugin
 from uffdtrace_plugins.csv import CsvPlugin
 from uffdtrace_plugins.hotpages import HotpagesPlugin
-from uffdtrace_plugins.latency import LatencyPlugin, log2_us_buckets
+from uffdtrace_plugins.latency import LatencyPlugin
 from uffdtrace_plugins.misuse import MisusePlugin
+from uffdtrace_plugins.qemu import QemuPlugin
 from uffdtrace_plugins.timeline import TimelinePlugin
 
 BUILTINS = {"latency", "blocktime", "hotpages", "misuse", "timeline", "csv"}
@@ -254,7 +257,8 @@ class Slow(Plugin):
         return {"rows": pd.DataFrame({"rows": [self.rows]})}
 
 
-def test_a_slow_plugin_never_blocks_the_writer_and_skipped_rows_are_counted():
+def test_a_slow_plugin_never_blocks_the_writer_and_skipped_rows_are_counted(monkeypatch):
+    monkeypatch.setattr(host, "BEHIND_WARN_S", 3600.0)  # one warning while running
     err = io.StringIO()
     ctx = RunContext(targets=(), backend="file", mode="", live=True)
     sink = PluginSink([PluginInfo(Slow, "test"), PluginInfo(Recorder, "test")], ctx,
@@ -277,8 +281,75 @@ def test_a_slow_plugin_never_blocks_the_writer_and_skipped_rows_are_counted():
     assert seen + skipped == 200 and 10 <= seen <= 40 and skipped >= 160
     assert sink.skipped_rows["recorder"] == 0
     assert sink.results["recorder"]["rows"]["rows"].item() == 400
-    assert err.getvalue() == f"uffdtrace: plugin slow fell behind: {skipped} fault rows skipped\n"
-    assert sink.failed == []
+    warning, behind = err.getvalue().splitlines()
+    assert warning.startswith("uffdtrace: plugin slow is falling behind: ")
+    assert behind == f"uffdtrace: plugin slow fell behind: {skipped} fault rows skipped"
+    assert sink.failed == [] and sink.cut == []
+
+
+def blocking_plugin() -> type[Plugin]:
+    """A plugin whose batch() waits until released (a minute at most); `entered` is set in it."""
+
+    class Blocking(Plugin):
+        name = "blocking"
+        entered, release = threading.Event(), threading.Event()
+
+        def batch(self, df):
+            self.entered.set()
+            self.release.wait(60)
+
+    return Blocking
+
+
+def test_a_plugin_falling_behind_is_reported_while_running(monkeypatch):
+    monkeypatch.setattr(host, "BEHIND_WARN_S", 3600.0)
+    blocking, err = blocking_plugin(), io.StringIO()
+    ctx = RunContext(targets=(), backend="file", mode="", live=True)
+    sink = PluginSink([PluginInfo(blocking, "test")], ctx, queue_batches=4, err=err)
+    batch = faults(tid=list(range(10)))
+    sink.write(batch)
+    assert blocking.entered.wait(10)  # its worker holds the first batch: the rest queue up
+    for _ in range(2):
+        sink.write(batch)
+    assert err.getvalue() == ""  # half full
+    sink.write(batch)
+    assert err.getvalue() == ("uffdtrace: plugin blocking is falling behind: 3 of 4 batches queued, "
+                              "0 skipped so far\n")
+    sink.write(batch)
+    sink.write(batch)  # skipped, but the last warning is too recent
+    assert len(err.getvalue().splitlines()) == 1
+    monkeypatch.setattr(host, "BEHIND_WARN_S", 0.0)
+    sink.write(batch)
+    assert err.getvalue().splitlines()[-1] == (
+        "uffdtrace: plugin blocking is falling behind: 4 of 4 batches queued, 2 skipped so far")
+    blocking.release.set()
+    sink.close()
+    assert err.getvalue().splitlines()[-1] == "uffdtrace: plugin blocking fell behind: 20 fault rows skipped"
+    assert sink.cut == []
+
+
+def test_at_close_a_plugin_still_busy_after_the_deadline_is_cut():
+    """Close waits SHUTDOWN_S at most: the blocked plugin is cut, named, and gives no tables;
+    the others finish as usual."""
+    blocking, err = blocking_plugin(), io.StringIO()
+    ctx = RunContext(targets=(), backend="file", mode="", live=True)
+    sink = PluginSink([PluginInfo(blocking, "test"), PluginInfo(Recorder, "test")], ctx,
+                      shutdown_s=0.5, err=err)
+    try:
+        for _ in range(5):
+            sink.write(faults(tid=list(range(10))))
+        sink.write_ioctls(pd.DataFrame({"ioctl": ["CONTINUE"] * 3}))
+        t0 = time.monotonic()
+        sink.close()
+        took = time.monotonic() - t0
+    finally:
+        blocking.release.set()
+    assert 0.5 <= took < 10  # not the minute its batch() would take
+    assert sink.cut == ["blocking"] and sink.failed == []
+    assert err.getvalue() == ("uffdtrace: plugin blocking skipped 6 batches (50 faults, 3 ioctls) at "
+                              "shutdown: still busy 0.5 s after tracing stopped, so no tables\n")
+    assert "blocking" not in sink.results
+    assert sink.results["recorder"]["rows"]["rows"].item() == 100
 
 
 def test_live_plugins_get_ticks():
@@ -393,19 +464,73 @@ def test_misuse():
     assert run(MisusePlugin, df.iloc[:1])["errors"].empty
 
 
+def ioctl_rows(**columns) -> pd.DataFrame:
+    """A batch with IOCTL_COLUMNS: the given columns, the rest <NA>."""
+    n = max(len(v) for v in columns.values() if isinstance(v, list))
+    return coerce_faults(pd.DataFrame({k: v if isinstance(v, list) else [v] * n
+                                       for k, v in columns.items()}), IOCTL_COLUMNS)
+
+
 def test_timeline():
     s = 1_000_000_000
     df = faults(fault_ns=[10 * s, 10 * s + 1, 10 * s + 2, 12 * s + 5, None],
                 resolver=["CONTINUE", "COPY", None, "CONTINUE", "CONTINUE"],
                 stall_ns=[100, 200, 300, 400, 500])
-    t = run(TimelinePlugin, df, interval_s=0.5)["intervals"]
+    # every successful resolving ioctl counts (a COPY that woke nobody too), by its exit
+    io = ioctl_rows(ioctl=["CONTINUE", "COPY", "COPY", "CONTINUE", "ZEROPAGE", "REGISTER"],
+                    errno=[0, 0, 0, 17, 0, 0],
+                    exit_ns=[10 * s + 3, 10 * s + 4, 11 * s, 10 * s + 5, 12 * s + 6, 10 * s])
+    sink = offline(TimelinePlugin, options={"timeline": {"interval_s": 0.5}})
+    sink.write_ioctls(io)
+    sink.write(df)
+    sink.close()
+    t = sink.results["timeline"]["intervals"]
     assert t["start_ns"].tolist() == [10 * s + i * s // 2 for i in range(5)]
     assert t["t_s"].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
     assert t["faults"].tolist() == [3, 0, 0, 0, 1]
     assert t["faults_per_s"].tolist() == [6.0, 0, 0, 0, 2.0]
-    assert t["continue_per_s"].tolist() == [2.0, 0, 0, 0, 2.0]
+    assert t["continue_per_s"].tolist() == [2.0, 0, 0, 0, 0]
+    assert t["copy_per_s"].tolist() == [2.0, 0, 2.0, 0, 0]
+    assert t["zeropage_per_s"].tolist() == [0, 0, 0, 0, 2.0]
     assert t["p99_stall_ns"].tolist()[0] == round(np.percentile([100, 200, 300], 99))
     assert t["p99_stall_ns"].isna().tolist() == [False, True, True, True, False]
+    rates = {r.name for r in timeline_panel_rates(io)}
+    assert rates == {"faults/s", "CONTINUE/s", "COPY/s", "ZEROPAGE/s"}
+
+
+def timeline_panel_rates(io: pd.DataFrame):
+    plugin = TimelinePlugin()
+    plugin.start(RunContext(targets=("t",), backend="file", mode="", live=True,
+                            options={"interval_s": 1.0}))
+    plugin.ioctls(io)
+    (panel,) = plugin.panels()
+    return panel.views[0].rates
+
+
+def test_qemu_blocktime_in_both_definitions():
+    """vCPU 0: two overlapping faults, vCPU 1: one; a thread that is no vCPU is ignored.
+    True stall: [fault, fault + stall); QEMU's: [msg, cont_exit)."""
+    df = faults(pid=7, tid=[10, 10, 11, 12], vcpu=[0, 0, 1, None],
+                fault_ns=[100, 150, 120, 100], stall_ns=[100, 100, 60, 1000],
+                msg_ns=[110, 160, 130, 110], cont_exit_ns=[170, 240, 150, 900])
+    out = run(QemuPlugin, df)
+    v = out["vcpus"].set_index("vcpu")
+    assert v.loc[0, ["faults", "requests", "stall_ns", "qemu_ns"]].tolist() == [2, 2, 150, 130]
+    assert v.loc[1, ["faults", "requests", "stall_ns", "qemu_ns"]].tolist() == [1, 1, 60, 20]
+    (proc,) = out["processes"].itertuples()
+    # both vCPUs blocked: stall [120, 180), QEMU [130, 150)
+    assert (proc.vcpus, proc.faults, proc.all_blocked_ns, proc.all_blocked_qemu_ns) == (2, 3, 60, 20)
+
+
+def test_qemu_panel_only_with_vcpus():
+    plugin = QemuPlugin()
+    plugin.start(RunContext(targets=("t",), backend="file", mode="", tables=False))
+    plugin.batch(faults(pid=7, tid=12, fault_ns=[1], stall_ns=[5]))
+    assert plugin.panels() == []
+    plugin.batch(faults(pid=7, tid=[10, 10], vcpu=3, fault_ns=[1, 2], stall_ns=[4000, 6000],
+                        msg_ns=[2, 3], cont_exit_ns=[1002, 2003]))
+    (panel,) = plugin.panels()
+    assert panel.views[0].rows == ((7, 3, 2, 10, 3),)
 
 
 def test_csv_plugin_writes_what_record_writes(tmp_path):

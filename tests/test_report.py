@@ -14,7 +14,7 @@ import pytest
 
 from uffdtrace.commands.report import read_faults
 from uffdtrace.errors import UserError
-from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
+from uffdtrace.events import BACKINGS, FAULT_COLUMNS, IOCTL_COLUMNS, KINDS, coerce_faults
 from uffdtrace.sinks.csv import CsvSink, IoctlCsvSink
 
 UFFDTRACE = Path(sys.executable).with_name("uffdtrace")
@@ -146,19 +146,28 @@ def _bad_files(recorded: Path) -> dict[str, tuple[str | bytes, str]]:
         "fields": ("".join([*lines[:3], lines[3].rstrip("\n") + ",1\n", *lines[4:]]),
                    f"{{path}}: Expected {len(FAULT_COLUMNS)} fields in line 4, saw "
                    f"{len(FAULT_COLUMNS) + 1}"),
+        "backing": ("".join([*lines[:6], lines[6].replace('"shmem"', '"weird"'), *lines[7:]]),
+                    "{path}: line 7: column backing needs one of hugetlb, shmem, anon (or empty), "
+                    "not 'weird'"),
+        # the first bad row is named, even when the next row's earlier column is bad too
+        "kind": ("".join([*lines[:3], lines[3].replace('"minor"', '"bogus"'),
+                          lines[4].replace('"shmem"', '"weird"'), *lines[5:]]),
+                 "{path}: line 4: column kind needs one of minor, missing, wp (or empty), "
+                 "not 'bogus'"),
         "binary": (b"\x89PNG\r\n\x1a\n\xff\xd8\xff\xe0" * 100 + b"\n",
                    "{path} is not a `uffdtrace record` CSV: its first line is not text"),
         "binary rows": ((HEADER + "\n").encode() + b"\xff\xfe\xfa,\x80\x81\n" * 50,
                         "{path}: not UTF-8 text after the header (a binary file?)"),
         "junk header": (",".join(f"column{i}" * 9 for i in range(40)) + "\n",
                         "{path} is not a `uffdtrace record` CSV: missing columns fault_ns, pid, tid, "
-                        "comm, addr, page_size (and 22 more); unexpected columns "
+                        "comm, vcpu, addr (and 23 more); unexpected columns "
                         + ", ".join(f"column{i}" * 3 + "column..." for i in range(6)) + " (and 34 more)"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "extra", "order", "truncated", "type",
-                                  "fields", "binary", "binary rows", "junk header"])
+                                  "fields", "backing", "kind", "binary", "binary rows",
+                                  "junk header"])
 def test_bad_csv_in_process(recorded, tmp_path, case):
     content, message = _bad_files(recorded)[case]
     path = tmp_path / f"{case}.csv"
@@ -172,6 +181,17 @@ def test_bad_csv_in_process(recorded, tmp_path, case):
     assert str(e.value) == message.format(path=path)
 
 
+def test_every_backing_and_kind_is_accepted_and_empty_too(tmp_path):
+    path = tmp_path / "faults.csv"
+    df = synthetic().iloc[:12]
+    df["backing"] = pd.array([*BACKINGS, None] * 3, dtype="string")
+    df["kind"] = pd.array([*KINDS, None] * 3, dtype="string")
+    sink = CsvSink(path)
+    sink.write(df)
+    sink.close()
+    pd.testing.assert_frame_equal(pd.concat(read_faults(path, chunk_rows=5)), df)
+
+
 def test_bad_input_ends_in_one_line(recorded, tmp_path):
     """Each bad input exits non-zero with one `uffdtrace:` line on stderr and no traceback."""
     bad = tmp_path / "type.csv"
@@ -180,10 +200,14 @@ def test_bad_input_ends_in_one_line(recorded, tmp_path):
     empty.write_text("")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(_bad_files(recorded)["binary rows"][0])
+    weird = tmp_path / "weird.csv"
+    weird.write_text(_bad_files(recorded)["backing"][0])
     cases = [
         ([empty], f"{empty} is empty (no CSV header)"),
         ([binary], f"{binary}: not UTF-8 text after the header (a binary file?)"),
         ([bad], f"{bad}: line 6: column pid needs an integer, not '12x'"),
+        ([weird], f"{weird}: line 7: column backing needs one of hugetlb, shmem, anon (or empty), "
+                  "not 'weird'"),
         (["nope.csv"], "cannot read nope.csv: No such file or directory"),
         ([recorded, "--plugin", "nosuch"], "unknown plugin 'nosuch' (available: blocktime, "),
         ([recorded, "--plugin", "./gone.py"], "plugin file ./gone.py not found"),

@@ -10,8 +10,19 @@ from typing import NoReturn
 from uffdtrace import __version__
 from uffdtrace.errors import UserError
 
-# Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = ["demo", "record", "exercise", "doctor", "plugins", "report", "migrate", "top"]
+# name -> one-line help. uffdtrace.commands.<name> defines add_arguments(parser) and
+# run(args) -> int, and is imported only when its command runs (`doctor` must work where BCC,
+# textual or pyroute2 are missing, and `exercise` needs none of them).
+COMMANDS = {
+    "demo": "a post-copy-like workload, traced live (headless without a terminal)",
+    "record": "record per-fault timelines to CSV",
+    "exercise": "run a userfaultfd fault workload with ground truth",
+    "doctor": "can I trace here, and how? (probes this machine, prints fixes)",
+    "plugins": "list the analysis plugins (installed and given files)",
+    "report": "analyse a recorded CSV with plugins (tables, CSV files, plots)",
+    "migrate": "emulate a post-copy live migration (namespaces, veth, TBF, MINOR faults)",
+    "top": "live view: latency histograms, rates, threads by stall",
+}
 
 EPILOG = """\
 examples:
@@ -28,7 +39,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The full parser of the command named in argv; every other command by name and help."""
     parser = OneLineParser(
         prog="uffdtrace",
         description="Trace userfaultfd minor faults and their UFFDIO_CONTINUE with eBPF.",
@@ -37,22 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"uffdtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        module = importlib.import_module(f"uffdtrace.commands.{name}")
-        p = sub.add_parser(
-            module.NAME,
-            help=module.HELP,
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:
+            module = importlib.import_module(f"uffdtrace.commands.{name}")
+            p.description = module.__doc__
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args._run(args)
     except UserError as e:

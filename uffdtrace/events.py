@@ -13,16 +13,23 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+BACKINGS = ("hugetlb", "shmem", "anon")  # a fault's memory, from its kernel path
+KINDS = ("minor", "missing", "wp")
+OUTCOMES = ("resolved", "no_wait", "released", "interrupted", "unresolved_exit", "unresolved_end")
+
 # name -> (pandas dtype, meaning). Order is the CSV column order.
 FAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "fault_ns": ("Int64", "instant the thread entered the page fault (absolute CLOCK_MONOTONIC)"),
     "pid": ("Int64", "process (tgid) of the faulting thread"),
     "tid": ("Int64", "faulting thread"),
     "comm": ("string", "faulting thread's name"),
+    "vcpu": ("Int64", "QEMU vCPU index of the faulting thread, from its name (`CPU n/KVM`, "
+             "`CPU n/TCG`: QEMU's -name debug-threads=on) or from QMP (--qmp); empty for "
+             "threads that are not vCPUs"),
     "addr": ("Int64", "faulting address"),
     "page_size": ("Int64", "page size of the faulting mapping in bytes"),
-    "backing": ("string", "hugetlb | shmem | anon, from the kernel path"),
-    "kind": ("string", "minor | missing | wp"),
+    "backing": ("string", f"{' | '.join(BACKINGS)}, from the kernel path"),
+    "kind": ("string", " | ".join(KINDS)),
     "stall_ns": ("Int64", "end - fault: how long the thread could not run (end: return_ns, "
                  "else resume_ns)"),
     "notify_ns": ("Int64", "msg - block: until the handler had the message"),
@@ -77,6 +84,10 @@ IOCTL_COLUMNS: dict[str, tuple[str, str]] = {
     "install_ns": ("Int64", "time inside its PTE-install functions (kprobe backend)"),
     "exit_ns": ("Int64", "instant the ioctl returned"),
 }
+
+# Columns whose values come from a fixed set (or are empty: unknown). The ioctl records have
+# none: their ioctl names include nrN, for any ioctl number without a name.
+CATEGORIES: dict[str, tuple[str, ...]] = {"backing": BACKINGS, "kind": KINDS, "outcome": OUTCOMES}
 
 
 @dataclass(frozen=True)

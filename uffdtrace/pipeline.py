@@ -40,20 +40,27 @@ from uffdtrace.probes.records import (
     IO_MFILL,
     IO_PTE,
     IO_SHMEM,
+    NR_API,
+    NR_CONTINUE,
+    NR_COPY,
+    NR_MOVE,
+    NR_POISON,
+    NR_REGISTER,
+    NR_WAKE,
+    NR_ZEROPAGE,
     UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WP,
     UFFDIO_NAMES,
 )
 
 RESOLVERS = {"CONTINUE", "COPY", "ZEROPAGE", "WAKE"}
-NR_REGISTER, NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_MOVE, NR_CONTINUE, NR_POISON, NR_API = (
-    0x00, 0x02, 0x03, 0x04, 0x05, 0x07, 0x08, 0x3F)
 REPORTS_MAPPED = [NR_CONTINUE, NR_ZEROPAGE, NR_COPY, NR_MOVE, NR_POISON]  # a result field
 RESOLVING_NRS = [NR_WAKE, NR_COPY, NR_ZEROPAGE, NR_CONTINUE]
 IOCTL_BY_NR = np.array([UFFDIO_NAMES.get(nr, f"nr{nr:#x}") for nr in range(256)], dtype=object)
 MEMORY_NS = 5_000_000_000  # how long ioctl exits wait for their faults
 NO_WAIT_PATIENCE_NS = 1_000_000_000  # how long a no_wait fault waits for the ioctl that mapped it
 SCAN_CHUNK = 4096
+VCPU_NAME = r"^CPU (\d+)/(?:KVM|TCG|HVF|WHPX|NVMM)$"  # QEMU's vCPU thread names (accelerators)
 
 # Columns the resolving ioctl's exit brings to its faults (`errno` is the ioctl's).
 EXIT_COLUMNS = {"handler_tid": "Int64", "cont_enter_ns": "Int64", "cont_exit_ns": "Int64",
@@ -90,15 +97,17 @@ class Assembler:
     pending: pd.DataFrame = field(default_factory=_no_pending)
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
     register_ranges: list[dict] = field(default_factory=list)
+    vcpus: dict[int, int] = field(default_factory=dict)  # tid -> QEMU vCPU index (from QMP)
     _exits: pd.DataFrame = field(default_factory=lambda: _frame({**EXIT_COLUMNS, **EXIT_RANGE_COLUMNS}))
     _now: int = 0  # the newest instant seen in any record
 
     def feed(self, raw: np.ndarray) -> Batch:
         """Take one drained batch; return the rows that are now complete."""
-        if len(raw):
-            self._now = max(self._now, int(raw["t0"].max()))
-        ioctls = self._take_ioctls(raw[raw["type"] == EV_IOCTL])
-        faults = self._faults(raw[raw["type"] == EV_FAULT])
+        io = raw["ioctl"][raw["type"] == EV_IOCTL]
+        f = raw["fault"][raw["type"] == EV_FAULT]
+        self._now = max(self._now, int(f["fault_ns"].max(initial=0)), int(io["exit_ns"].max(initial=0)))
+        ioctls = self._take_ioctls(io)
+        faults = self._faults(f)
         return Batch(self._release(pd.concat([self.pending, faults], ignore_index=True), final=False),
                      ioctls)
 
@@ -120,29 +129,30 @@ class Assembler:
             self.ioctl_counts[key] = self.ioctl_counts.get(key, 0) + k
         for rec in io[nr == NR_REGISTER]:
             self.register_ranges.append(
-                {"pid": int(rec["pid"]), "start": int(rec["addr"]), "len": int(rec["len"]),
-                 "mode": int(rec["x"]), "ok": int(rec["ret"]) == 0})
+                {"pid": int(rec["pid"]), "start": int(rec["start"]), "len": int(rec["len"]),
+                 "mode": int(rec["mode"]), "ok": int(rec["ret"]) == 0})
 
         flags = io["flags"]
         api = nr == NR_API
         installed = (flags & (IO_HUGETLB | IO_SHMEM | IO_PTE)) != 0
         rows = pd.DataFrame({
-            "enter_ns": io["t0"].astype(np.int64),
+            "enter_ns": io["enter_ns"].astype(np.int64),
             "pid": io["pid"].astype(np.int64),
             "tid": io["tid"].astype(np.int64),
             "comm": _decode(io["comm"]),
             "ioctl": pd.Series(IOCTL_BY_NR[nr], dtype="string"),
-            "start": pd.Series(io["addr"].astype(np.int64), dtype="Int64").where(~api),
+            "start": pd.Series(io["start"].astype(np.int64), dtype="Int64").where(~api),
             "len": pd.Series(io["len"].astype(np.int64), dtype="Int64").where(~api),
-            "mode": np.where(api, io["len"], io["x"]).astype(np.int64),
+            "mode": np.where(api, io["len"], io["mode"]).astype(np.int64),
             "ret": ret,
             "errno": errnos,
             "mapped": pd.Series(io["mapped"], dtype="Int64").where(np.isin(nr, REPORTS_MAPPED)),
-            "duration_ns": (io["t1"] - io["t0"]).astype(np.int64),
+            "duration_ns": (io["exit_ns"] - io["enter_ns"]).astype(np.int64),
             "woken": io["woken"].astype(np.int64),
-            "mfill_ns": pd.Series(io["t2"].astype(np.int64), dtype="Int64").where((flags & IO_MFILL) != 0),
-            "install_ns": pd.Series(io["t3"].astype(np.int64), dtype="Int64").where(installed),
-            "exit_ns": io["t1"].astype(np.int64),
+            "mfill_ns": pd.Series(io["mfill_ns"].astype(np.int64), dtype="Int64")
+            .where((flags & IO_MFILL) != 0),
+            "install_ns": pd.Series(io["install_ns"].astype(np.int64), dtype="Int64").where(installed),
+            "exit_ns": io["exit_ns"].astype(np.int64),
         })
         rows = coerce_faults(rows, IOCTL_COLUMNS)
 
@@ -160,7 +170,7 @@ class Assembler:
                 "mapped": r["mapped"], "mfill_ns": r["mfill_ns"], "install_ns": r["install_ns"],
                 "install_backing": install_backing, "errno": r["errno"],
                 "handler_pid": r["pid"], "nr": rnr, "mm": io["mm"][resolving],
-                "start": io["addr"][resolving], "end": io["addr"][resolving] + io["len"][resolving],
+                "start": io["start"][resolving], "end": io["start"][resolving] + io["len"][resolving],
                 # it mapped something (a WAKE maps nothing, but wakes what another ioctl mapped)
                 "ok": (r["ret"].to_numpy(dtype=np.int64) >= 0) & (rnr != NR_WAKE)
                 | (r["mapped"].fillna(0).to_numpy(dtype=np.int64) > 0),
@@ -184,28 +194,29 @@ class Assembler:
         # Not resolved, whoever woke the thread: it exited in the fault, was still asleep in it,
         # or was woken by its userfaultfd's release or by a signal.
         unresolved = (flags & (F_EXITED | F_BLOCKED_AT_END | F_RELEASED | F_SIGNALLED)) != 0
-        waker_ioctl = instant(f["t5"]).where(~unresolved)
+        waker_ioctl = instant(f["waker_ioctl_ns"]).where(~unresolved)
         df = pd.DataFrame({
-            "fault_ns": instant(f["t0"]),
+            "fault_ns": instant(f["fault_ns"]),
             "pid": f["pid"].astype(np.int64),
             "tid": f["tid"].astype(np.int64),
-            "comm": _decode(f["comm"]),
+            "comm": (comm := _decode(f["comm"])),
+            "vcpu": vcpu_of(f["tid"], comm, self.vcpus),
             "addr": f["addr"].astype(np.int64),
-            "block_ns": instant(f["t1"]),
-            "msg_ns": instant(f["t4"], (flags & F_MSG) != 0),
+            "block_ns": instant(f["block_ns"]),
+            "msg_ns": instant(f["msg_ns"], (flags & F_MSG) != 0),
             "cont_enter_ns": waker_ioctl,
-            "wake_ns": instant(f["t2"]),
-            "resume_ns": instant(f["t3"], resumed),
-            "return_ns": instant(f["t6"]),
-            "handler_pid": instant(f["peer_pid"]).where(~unresolved),
-            "handler_tid": instant(f["peer_tid"]).where(~unresolved),
+            "wake_ns": instant(f["wake_ns"]),
+            "resume_ns": instant(f["resume_ns"], resumed),
+            "return_ns": instant(f["return_ns"]),
+            "handler_pid": instant(f["waker_pid"]).where(~unresolved),
+            "handler_tid": instant(f["waker_tid"]).where(~unresolved),
             "outcome": np.select(
                 [(flags & f) != 0 for f in (F_BLOCKED_AT_END, F_EXITED, F_RELEASED, F_SIGNALLED, F_WOKEN)],
                 ["unresolved_end", "unresolved_exit", "released", "interrupted", "resolved"], "no_wait"),
             "mm": f["mm"],
         })
         df["outcome"] = df["outcome"].astype("string")
-        resolver = pd.Series(IOCTL_BY_NR[f["nr"]], dtype="string")
+        resolver = pd.Series(IOCTL_BY_NR[f["waker_nr"]], dtype="string")
         df["resolver"] = resolver.where(waker_ioctl.notna().to_numpy())
         self._classify(df, f)
         return df
@@ -216,7 +227,8 @@ class Assembler:
         df["page_size"] = paths["page_size"].to_numpy()
         if self.mode == "full":
             has_msg = (f["flags"] & F_MSG) != 0
-            kind = pd.Series(pd.array(np.where(has_msg, _kind_of_message(f["x"]), None), dtype="string"))
+            by_msg = np.where(has_msg, _kind_of_message(f["msg_flags"]), None)
+            kind = pd.Series(pd.array(by_msg, dtype="string"))
             df["kind"] = kind.fillna(paths["kind"])
         else:
             df["kind"] = paths["kind"].to_numpy()
@@ -285,6 +297,17 @@ def _kind_of_message(flags: np.ndarray) -> np.ndarray:
                     np.where(flags & UFFD_PAGEFAULT_FLAG_WP, "wp", "missing"))
 
 
+def vcpu_of(tid: np.ndarray, comm: pd.Series, known: dict[int, int]) -> pd.Series:
+    """QEMU vCPU index per fault: from `known` (tid -> index, as QMP's query-cpus-fast says),
+    else from the thread's name (`CPU 1/KVM`, `CPU 0/TCG`: QEMU's -name debug-threads=on)."""
+    named = pd.to_numeric(comm.str.extract(VCPU_NAME, expand=False), errors="coerce")
+    vcpu = pd.Series(named, dtype="Int64")
+    if known:
+        listed = pd.Series(tid.astype(np.int64)).map(known)
+        vcpu = pd.Series(listed, dtype="Int64").fillna(vcpu)
+    return vcpu
+
+
 def _decode(names: np.ndarray) -> pd.Series:
     """C strings -> pandas strings, decoding each distinct name once."""
     distinct, index = np.unique(names, return_inverse=True)
@@ -293,7 +316,8 @@ def _decode(names: np.ndarray) -> pd.Series:
 
 
 def derive_durations(df: pd.DataFrame) -> pd.DataFrame:
-    """The *_ns durations of DESIGN §1 from the instants (missing where an end is missing)."""
+    """The *_ns durations (docs/design.md, 'Durations') from the instants (missing where an end
+    is missing)."""
     df["stall_ns"] = df["return_ns"].fillna(df["resume_ns"]) - df["fault_ns"]
     notify = df["msg_ns"] - df["block_ns"]
     df["notify_ns"] = notify.where(notify >= 0)  # the handler had it before T slept: unknown

@@ -2,9 +2,11 @@
 
 Data flows one way. A thread of its own empties the ring buffer into a bounded backlog, so a
 sink that stalls (a disk in writeback) delays rows instead of losing them; past the backlog,
-the ring fills and the kernel side counts what it could not submit. The session owns clean-up:
-BPF programs are detached, kernel settings restored and the sinks closed on every way out (end
-of command, duration, Ctrl-C, SIGTERM).
+the ring fills and the kernel side counts what it could not submit. A sink whose write fails
+(OSError: a full disk, a closed pipe) stops the session: nothing more is written anywhere, and
+the error is kept in `write_error`. The session owns clean-up: BPF programs are detached, kernel
+settings restored and then the sinks closed (plugins get a deadline there, with BPF already
+detached) on every way out (end of command, duration, Ctrl-C, SIGTERM, a write failure).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import queue
 import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from uffdtrace.probes.bpfstats import BpfStats
 from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
 from uffdtrace.sinks import IoctlSink, Sink
 from uffdtrace.summary import FaultStats
-from uffdtrace.targets import uffd_holders, uffd_inodes, uffd_ranges
+from uffdtrace.targets import LaunchedCommand, uffd_holders, uffd_inodes, uffd_ranges
 
 DRAIN_INTERVAL_S = 0.05
 RESCAN_INTERVAL_S = 1.0  # new handler processes, faults blocked now
@@ -48,6 +51,7 @@ class Session:
     backend: TracepointBackend | None = None
     blocked: list[BlockedFault] = field(default_factory=list)  # as of the last scan, oldest first
     on_stuck: Callable[[BlockedFault, float], None] | None = None  # once per fault blocked too long
+    write_error: OSError | None = None  # the first failed write of a sink: tracing stopped there
     _reported_stuck: set[tuple[int, int]] = field(default_factory=set)
 
     def start(self) -> None:
@@ -76,6 +80,11 @@ class Session:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def ending(self) -> bool:
+        """Told to stop, or run() is over: the session is on its way out."""
+        return self._stop.is_set()
+
     def run(self, until: Callable[[], bool] = lambda: False, duration_s: float | None = None) -> None:
         """Assemble and write until stop(), `until()` or the duration; then what is left."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
@@ -96,6 +105,7 @@ class Session:
                     self._scan_blocked()
                     next_scan = time.monotonic() + RESCAN_INTERVAL_S
         finally:
+            self._stop.set()
             stop_draining.set()
             drainer.join()
         if backlog.error is not None:
@@ -132,46 +142,64 @@ class Session:
         self._emit(self.assembler.feed(raw[raw["pid"] != self._me]))  # never trace ourselves
 
     def _emit(self, batch: Batch) -> None:
-        if not batch.ioctls.empty:
-            for sink in self.sinks:
-                if isinstance(sink, IoctlSink):
-                    sink.write_ioctls(batch.ioctls)
-        if batch.faults.empty:
+        if self.write_error is not None:
             return
-        self.stats.write(batch.faults)
-        for sink in self.sinks:
-            sink.write(batch.faults)
+        try:
+            if not batch.ioctls.empty:
+                for sink in self.sinks:
+                    if isinstance(sink, IoctlSink):
+                        sink.write_ioctls(batch.ioctls)
+            if batch.faults.empty:
+                return
+            for sink in self.sinks:
+                sink.write(batch.faults)
+            self.stats.write(batch.faults)  # after the sinks: the rows of a failed write are not counted
+        except OSError as e:
+            self.write_error = e
+            self._stop.set()
 
     def close(self) -> dict:
-        """Flush, detach, restore; return the summary's tracer-side numbers."""
+        """Flush (unless a write failed), detach, restore, then close the sinks; return the
+        summary's tracer-side numbers."""
+        self._stop.set()
         info: dict = {}
         try:
             if self.backend is not None:
-                self.poll()
-                self._emit(self.assembler.feed(self.backend.faults_in_flight()))
-                self._emit(self.assembler.finish())
-                run_ns, run_cnt = self.backend.run_stats()
-                info = {
-                    "lost": self.backend.lost(),
-                    "stall_hist": self.backend.histogram("stall").tolist(),
-                    "continue_hist": self.backend.histogram("continue").tolist(),
-                    "bpf_run_ns": run_ns,
-                    "bpf_run_cnt": run_cnt,
-                    "uffd_events": self.backend.uffd_event_counts(),
-                    "registers": self.assembler.register_ranges,
-                    "ranges_at_start": self.ranges_at_start,
-                    "ioctls": self.assembler.ioctl_counts,
-                    "messages": self.backend.loose_messages(),
-                }
+                if self.write_error is None:
+                    self.poll()
+                    self._emit(self.assembler.feed(self.backend.faults_in_flight()))
+                    self._emit(self.assembler.finish())
+                info = self._tracer_info()
         finally:
-            for sink in self.sinks:
-                sink.close()
             if self.backend is not None:
                 self.backend.close()
             self._bpf_stats.restore()
+            self._close_sinks()
         info["tracer_cpu_s"] = _cpu_s() - self._cpu0
         info["wall_s"] = time.monotonic() - self._wall0
         return info
+
+    def _tracer_info(self) -> dict:
+        run_ns, run_cnt = self.backend.run_stats()
+        return {
+            "lost": self.backend.lost(),
+            "stall_hist": self.backend.histogram("stall").tolist(),
+            "continue_hist": self.backend.histogram("continue").tolist(),
+            "bpf_run_ns": run_ns,
+            "bpf_run_cnt": run_cnt,
+            "uffd_events": self.backend.uffd_event_counts(),
+            "registers": self.assembler.register_ranges,
+            "ranges_at_start": self.ranges_at_start,
+            "ioctls": self.assembler.ioctl_counts,
+            "messages": self.backend.loose_messages(),
+        }
+
+    def _close_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except OSError as e:  # e.g. plugin tables written to a full disk
+                self.write_error = self.write_error or e
 
 
 class _Backlog:
@@ -212,7 +240,18 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def stop_on_signals(session: Session) -> None:
-    """Ctrl-C and SIGTERM end the session cleanly instead of killing it mid-write."""
+def stop_on_signals(session: Session, launched: LaunchedCommand | None = None) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP end the session cleanly instead of killing it mid-write. One
+    more, once it is ending (signalled, or its command over), exits at once, with the command
+    sent SIGTERM as on a clean stop: the kernel detaches the BPF programs when their fds close
+    with the process, and rows are written whole, so nothing is left half-done."""
+    def handle(signum: int, _frame: object) -> None:
+        if session.ending:
+            os.write(sys.stderr.fileno(), b"uffdtrace: signal while ending: exiting at once\n")
+            if launched:
+                launched.terminate()
+            os._exit(128 + signum)
+        session.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: session.stop())
+        signal.signal(sig, handle)

@@ -9,19 +9,24 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from uffdtrace.events import OUTCOMES
 from uffdtrace.pipeline import Assembler, Batch
 from uffdtrace.probes.paths import paths_frame
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
-    EVENT_DTYPE,
     F_BLOCKED,
     F_BLOCKED_AT_END,
     F_EXITED,
     F_MSG,
+    F_RELEASED,
     F_RESUMED,
+    F_SIGNALLED,
     F_SLEPT,
     F_WOKEN,
+    FAULT_DTYPE,
+    IOCTL_DTYPE,
+    RECORD_DTYPE,
 )
 
 MM = 0xFFFF888123456789  # a kernel pointer: exact only as uint64
@@ -38,22 +43,25 @@ def shmem_minor(f: np.ndarray) -> pd.DataFrame:
 
 
 def records(*rows: dict) -> np.ndarray:
-    out = np.zeros(len(rows), EVENT_DTYPE)
+    """Ring-buffer records, each built from its type's named fields."""
+    out = np.zeros(len(rows), RECORD_DTYPE)
     for i, row in enumerate(rows):
+        one = np.zeros((), FAULT_DTYPE if row["type"] == EV_FAULT else IOCTL_DTYPE)
         for k, v in row.items():
-            out[i][k] = v
+            one[k] = v
+        out[i]["fault" if row["type"] == EV_FAULT else "ioctl"] = one
     return out
 
 
 def fault(t0: int, tid: int = 11, addr: int = PAGE + 5, flags: int = 0, **kw) -> dict:
-    return {"type": EV_FAULT, "pid": 10, "tid": tid, "t0": t0, "addr": addr, "flags": flags,
+    return {"type": EV_FAULT, "pid": 10, "tid": tid, "fault_ns": t0, "addr": addr, "flags": flags,
             "mm": MM, "comm": b"vcpu", **kw}
 
 
 def ioctl(t0: int, t1: int, tid: int = 21, nr: int = NR_CONTINUE, start: int = PAGE,
           ret: int = 0, mm: int = MM, woken: int = 0) -> dict:
-    return {"type": EV_IOCTL, "pid": 20, "tid": tid, "nr": nr, "t0": t0, "t1": t1, "addr": start,
-            "len": 4096, "ret": ret, "mapped": 4096 if ret == 0 else ret, "mm": mm,
+    return {"type": EV_IOCTL, "pid": 20, "tid": tid, "nr": nr, "enter_ns": t0, "exit_ns": t1,
+            "start": start, "len": 4096, "ret": ret, "mapped": 4096 if ret == 0 else ret, "mm": mm,
             "woken": woken, "comm": b"handler"}
 
 
@@ -67,9 +75,10 @@ def run(*batches: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def woken(t0: int, enter: int, **kw) -> dict:
     """A fault that slept and was woken by the CONTINUE entered at `enter` (thread 21)."""
-    return fault(t0, **{"flags": F_BLOCKED | F_SLEPT | F_WOKEN | F_RESUMED, "t1": t0 + 1000,
-                        "t2": enter + 500, "t3": enter + 900, "t5": enter, "t6": enter + 1000,
-                        "peer_pid": 20, "peer_tid": 21, "nr": NR_CONTINUE, **kw})
+    return fault(t0, **{"flags": F_BLOCKED | F_SLEPT | F_WOKEN | F_RESUMED, "block_ns": t0 + 1000,
+                        "wake_ns": enter + 500, "resume_ns": enter + 900, "waker_ioctl_ns": enter,
+                        "return_ns": enter + 1000, "waker_pid": 20, "waker_tid": 21,
+                        "waker_nr": NR_CONTINUE, **kw})
 
 
 def test_a_resolved_fault_takes_its_ioctls_exit_and_errno_only_from_it():
@@ -95,7 +104,7 @@ def test_a_fault_that_never_slept_is_given_the_ioctl_that_mapped_its_page():
     column its low bits would be lost and nothing would match)."""
     t = 1000 * MS
     faults, _ = run(
-        records(fault(t, flags=F_MSG, t4=t + 5_000, x=MINOR),
+        records(fault(t, flags=F_MSG, msg_ns=t + 5_000, msg_flags=MINOR),
                 ioctl(t + 6_000, t + 7_000, tid=22, mm=OTHER_MM),
                 ioctl(t + 6_500, t + 7_500, tid=23, ret=-17)),
         records(ioctl(t + 8_000, t + 9_000, tid=24), ioctl(t + 9_500, t + 9_800, tid=25)),
@@ -108,7 +117,7 @@ def test_a_fault_that_never_slept_is_given_the_ioctl_that_mapped_its_page():
 def test_a_no_wait_fault_waits_for_its_ioctl_then_gives_up():
     t = 1000 * MS
     asm = Assembler("full", shmem_minor, sees_ioctls=True)
-    assert asm.feed(records(fault(t, flags=F_MSG, t4=t + 5_000))).faults.empty
+    assert asm.feed(records(fault(t, flags=F_MSG, msg_ns=t + 5_000))).faults.empty
     later = asm.feed(records(ioctl(t + 2_000 * MS, t + 2_000 * MS + 10, tid=30, start=0x1000)))
     (row,) = later.faults.itertuples()
     assert row.outcome == "no_wait" and pd.isna(row.resolver)
@@ -119,9 +128,10 @@ def test_unresolved_faults_name_no_resolver():
     (a signal, the exiting process) did not resolve it."""
     t = 1000 * MS
     faults, _ = run(records(
-        fault(t, tid=11, flags=F_BLOCKED | F_SLEPT | F_WOKEN | F_RESUMED | F_EXITED, t1=t + 10,
-              t2=t + 5 * MS, t3=t + 6 * MS, peer_pid=99, peer_tid=99),
-        fault(t, tid=12, flags=F_BLOCKED | F_SLEPT | F_BLOCKED_AT_END, t1=t + 10),
+        fault(t, tid=11, flags=F_BLOCKED | F_SLEPT | F_WOKEN | F_RESUMED | F_EXITED,
+              block_ns=t + 10, wake_ns=t + 5 * MS, resume_ns=t + 6 * MS, waker_pid=99,
+              waker_tid=99),
+        fault(t, tid=12, flags=F_BLOCKED | F_SLEPT | F_BLOCKED_AT_END, block_ns=t + 10),
     ))
     assert faults["outcome"].tolist() == ["unresolved_exit", "unresolved_end"]
     assert faults[["handler_pid", "handler_tid", "resolver", "errno"]].isna().all().all()
@@ -132,3 +142,23 @@ def test_batch_type():
     faults, ioctls = run(records())
     assert faults.empty and ioctls.empty
     assert isinstance(Assembler("light", shmem_minor, sees_ioctls=False).finish(), Batch)
+
+
+def test_every_outcome_is_one_report_accepts():
+    t = 1000 * MS
+    flags = [0, F_WOKEN, F_WOKEN | F_EXITED, F_BLOCKED_AT_END, F_WOKEN | F_RELEASED,
+             F_WOKEN | F_SIGNALLED]
+    faults, _ = run(records(*(fault(t, tid=11 + i, flags=f | F_MSG, msg_ns=t + 1)
+                              for i, f in enumerate(flags))))
+    assert sorted(faults["outcome"]) == sorted(OUTCOMES)
+
+
+def test_vcpu_from_qemu_thread_names_or_qmp():
+    t = 1000 * MS
+    asm = Assembler("full", shmem_minor, sees_ioctls=True, vcpus={13: 3})
+    batch = asm.feed(records(woken(t, t + 10, tid=11, comm=b"CPU 1/TCG"),
+                             woken(t, t + 10, tid=12, comm=b"CPU 0/KVM"),
+                             woken(t, t + 10, tid=13, comm=b"qemu-system-x86"),
+                             woken(t, t + 10, tid=14, comm=b"CPU 2/other")))
+    vcpu = pd.concat([batch.faults, asm.finish().faults]).set_index("tid")["vcpu"]
+    assert vcpu.loc[[11, 12, 13]].tolist() == [1, 0, 3] and pd.isna(vcpu.loc[14])

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from uffdtrace.commands import record, top
 
-NAME = "demo"
-HELP = "a post-copy-like workload, traced live (headless without a terminal)"
 HEADLESS_LIMIT_S = 120.0
 
 
@@ -68,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _parse(command, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"uffdtrace {command.NAME}")
+    parser = argparse.ArgumentParser(prog=f"uffdtrace {command.__name__.rsplit('.', 1)[-1]}")
     command.add_arguments(parser)
     return parser.parse_args(argv)

@@ -20,9 +20,6 @@ from typing import Any
 from uffdtrace.probes import capabilities as cap
 from uffdtrace.probes.capabilities import Capabilities, Check
 
-NAME = "doctor"
-HELP = "can I trace here, and how? (probes this machine, prints fixes)"
-
 TITLES = {
     "system": "System",
     "bpf": "BPF features (each loaded into this kernel)",

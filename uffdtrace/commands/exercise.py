@@ -33,9 +33,6 @@ from uffdtrace.exerciser.driver import (
     POLICIES,
 )
 
-NAME = "exercise"
-HELP = "run a userfaultfd fault workload with ground truth"
-
 EPILOG = """\
 examples:
   uffdtrace exercise                                  1000 shmem minor faults, summary

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -34,9 +35,6 @@ from uffdtrace.errors import UserError
 from uffdtrace.migration import MigrationConfig
 from uffdtrace.migration import run as run_migration
 from uffdtrace.migration.scenario import BACKINGS, PATTERNS
-
-NAME = "migrate"
-HELP = "emulate a post-copy live migration (namespaces, veth, TBF, MINOR faults)"
 
 TABLE = [  # (header, summary key, scale, format)
     ("Gbit/s", "bandwidth", 1, "{:g}"),
@@ -87,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise UserError("migrate needs root (network namespaces, hugepages): run it as root")
     prefetch = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
     configs = [MigrationConfig(
         size_mib=args.size, backing=args.backing, vcpus=args.vcpus, dirty_rate=args.dirty_rate,

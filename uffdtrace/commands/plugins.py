@@ -13,9 +13,6 @@ import argparse
 
 from uffdtrace.plugins import PluginInfo, installed, load_file
 
-NAME = "plugins"
-HELP = "list the analysis plugins (installed and given files)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="*", metavar="FILE.py", help="also check and list these files")

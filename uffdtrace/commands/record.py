@@ -5,6 +5,11 @@ ns; empty cells are what this mode cannot know. A summary follows on stderr (or 
 stdout): counts by backing x kind, stall and CONTINUE percentiles, lost events, the tracer's
 own cost.
 
+stopping: Ctrl-C, SIGTERM or the command's end detach BPF, then plugins get 2 s in total to
+catch up (a plugin still busy then gives no tables); a second signal exits at once. A failed
+write (full disk, closed pipe) stops tracing: the CSV ends at its last complete row, the
+command runs on untraced and is waited for, the summary is printed, and the exit status is 1.
+
 modes:
   light   tracepoints page_fault_user, sched_switch, sched_waking and rseq_update only
           (cheapest); no ioctls or messages, so resolver, msg_ns, continue_ns, handler_ns,
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from uffdtrace.commands.targeting import (
@@ -41,9 +47,6 @@ from uffdtrace.sinks.csv import CsvSink, IoctlCsvSink
 from uffdtrace.sinks.plugins import add_plugin_arguments, plugin_sink_from_args
 from uffdtrace.summary import format_us
 from uffdtrace.targets import LaunchedCommand, alive, check_pids, uffd_inodes
-
-NAME = "record"
-HELP = "record per-fault timelines to CSV"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     session.on_stuck = lambda f, age_s: print(
         f"uffdtrace: a fault has been blocked for {age_s:.1f} s: pid {f.pid} tid {f.tid} address "
         f"{f.addr:#x} (is its handler alive?)", file=sys.stderr, flush=True)
-    stop_on_signals(session)
+    stop_on_signals(session, launched)
     try:
         session.start()
         if args.ioctls and not session.backend.sees_ioctls():
@@ -112,17 +115,31 @@ def run(args: argparse.Namespace) -> int:
         session.run(until=lambda: (launched.poll() is not None) if launched else
                     bool(pids) and not any(alive(p) for p in pids), duration_s=args.duration)
     finally:
-        if launched and launched.poll() is None:
+        if launched and launched.poll() is None and session.write_error is None:
             launched.terminate()
             launched.wait()
         info = session.close()
+    if session.write_error is not None:
+        failed_write(session.write_error)
+        if launched:
+            launched.wait()  # a tracer must not break what it traces: it runs on, untraced
     summary = build_summary(session, info, args.mode, launched)
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         print()
     else:
         print_summary(summary, sys.stderr)
-    return 1 if plugin_sink and plugin_sink.failed else 0
+    incomplete = plugin_sink and (plugin_sink.failed or plugin_sink.cut)
+    return 1 if session.write_error or incomplete else 0
+
+
+def failed_write(error: OSError) -> None:
+    print(f"uffdtrace: writing {error.filename or 'the output'} failed: "
+          f"{error.strerror or error}; stopped tracing", file=sys.stderr, flush=True)
+    if error.filename == sys.stdout.name:  # nothing may reach it now, not even Python's flush at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def build_summary(session: Session, info: dict, mode: str, launched) -> dict:

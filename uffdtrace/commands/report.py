@@ -29,12 +29,9 @@ import numpy as np
 import pandas as pd
 
 from uffdtrace.errors import UserError
-from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
+from uffdtrace.events import CATEGORIES, FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
 from uffdtrace.plugins import RunContext
 from uffdtrace.sinks.plugins import add_plugin_arguments, format_tables, plugin_sink_from_args
-
-NAME = "report"
-HELP = "analyse a recorded CSV with plugins (tables, CSV files, plots)"
 
 DEFAULT_PLUGINS = ("latency", "blocktime", "hotpages", "misuse", "timeline")
 CHUNK_ROWS = 200_000
@@ -127,6 +124,7 @@ def _chunks(path: Path, chunk_rows: int, columns: dict[str, tuple[str, str]]) ->
         with pd.read_csv(path, dtype=dtypes, chunksize=chunk_rows, keep_default_na=False,
                          na_values=[""]) as reader:
             for chunk in reader:
+                _check_categories(path, chunk)
                 yield coerce_faults(chunk, columns)
     except pd.errors.ParserError as e:
         message = str(e).strip().removeprefix("Error tokenizing data. C error: ")
@@ -135,6 +133,19 @@ def _chunks(path: Path, chunk_rows: int, columns: dict[str, tuple[str, str]]) ->
         raise UserError(f"{path}: not UTF-8 text after the header (a binary file?)") from e
     except (ValueError, OverflowError) as e:
         raise UserError(f"{path}: {_bad_cell(path, chunk_rows, dtypes) or e}") from e
+
+
+def _check_categories(path: Path, chunk: pd.DataFrame) -> None:
+    """Refuse the first value outside its column's set (events.CATEGORIES): plugins would
+    report it as one more category."""
+    bad = pd.DataFrame({name: chunk[name].notna() & ~chunk[name].isin(allowed)
+                        for name, allowed in CATEGORIES.items() if name in chunk})
+    if not bad.to_numpy().any():
+        return
+    row = bad.any(axis=1).idxmax()
+    name = bad.loc[row].idxmax()
+    raise UserError(f"{path}: line {int(row) + 2}: column {name} needs one of "
+                    f"{', '.join(CATEGORIES[name])} (or empty), not {chunk.at[row, name]!r}")
 
 
 def _some(names: list[str], most: int = 6) -> str:

@@ -43,9 +43,7 @@ from uffdtrace.sinks.plugins import PluginSink
 from uffdtrace.targets import LaunchedCommand, check_pids
 from uffdtrace.tui import run_top
 
-NAME = "top"
-HELP = "live view: latency histograms, rates, threads by stall"
-PANEL_PLUGINS = ("latency", "timeline", "blocktime", "misuse")
+PANEL_PLUGINS = ("latency", "timeline", "blocktime", "misuse", "qemu")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             print(errors.getvalue(), end="", file=sys.stderr)
             print_summary(build_summary(session, info, args.mode, launched), sys.stderr)
-    return 1 if host.failed else 0
+    return 1 if host.failed or host.cut else 0
 
 
 def launch(command: list[str], out_fd: int) -> LaunchedCommand:

@@ -36,8 +36,9 @@ MAX_THREADS = 256
 ZIPF_EXPONENT = 1.0
 UFFD_PAGEFAULT_FLAG_WRITE = 1
 
-# The errno each misuse scenario provokes, per backing, as measured on Linux 6.18. (DESIGN §3
-# says EINVAL for continue-on-missing on shmem; 6.18 answers EFAULT: shmem finds no folio.)
+# The errno each misuse scenario provokes, per backing, as measured on Linux 6.18
+# (docs/design.md, 'Errnos'). Continue-on-missing on shmem gives EFAULT, not EINVAL: shmem
+# finds no folio.
 EXPECTED_MISUSE_ERRNO = {
     ("continue-on-missing", "shmem"): errno.EFAULT,
     ("continue-on-missing", "hugetlb"): errno.EFAULT,

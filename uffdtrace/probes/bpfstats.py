@@ -3,35 +3,47 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
-from pathlib import Path
 
 from bcc import libbcc
 
-STATS_SWITCH = Path("/proc/sys/kernel/bpf_stats_enabled")
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type (uapi/linux/bpf.h)
 # struct bpf_prog_info (uapi/linux/bpf.h): run_time_ns and run_cnt follow prog_tags.
 _INFO_SIZE = 256
 _RUN_TIME_OFF, _RUN_CNT_OFF = 192, 200
 
 
 class BpfStats:
-    """Turns kernel BPF run-time accounting on for the session and restores it afterwards."""
+    """Holds kernel BPF run-time accounting on for the session, with the bpf() command
+    BPF_ENABLE_STATS rather than the kernel.bpf_stats_enabled sysctl: the kernel keeps the stats
+    on while any holder's fd is open and turns them off when the last one closes or dies, so a
+    killed session leaves nothing on and overlapping sessions don't switch each other's off."""
 
     def __init__(self) -> None:
-        self._previous: str | None = None
+        self._fd: int | None = None
 
     def enable(self) -> bool:
-        try:
-            self._previous = STATS_SWITCH.read_text().strip()
-            STATS_SWITCH.write_text("1")
-            return True
-        except OSError:
-            return False
+        if self._fd is None:
+            try:
+                self._fd = stats_fd()
+            except OSError:
+                return False
+        return True
 
     def restore(self) -> None:
-        if self._previous is not None:
-            STATS_SWITCH.write_text(self._previous)
-            self._previous = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def stats_fd() -> int:
+    """An fd that holds BPF run-time stats on until it is closed (close-on-exec, as libbpf
+    opens it: a traced command does not inherit it)."""
+    fd = libbcc.lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
+    if fd < 0:
+        raise OSError(-fd, f"BPF_ENABLE_STATS: {os.strerror(-fd)}")
+    return fd
 
 
 def prog_run_stats(prog_fd: int) -> tuple[int, int]:

@@ -43,8 +43,9 @@ LIGHT_TRACEPOINTS = (
 OPTIONAL_TRACEPOINTS = ("maple_tree:ma_write",)
 SYSCALL_TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
 TRACEPOINTS = (*LIGHT_TRACEPOINTS, *OPTIONAL_TRACEPOINTS, *SYSCALL_TRACEPOINTS)
-# Kernel functions of the userfaultfd paths (names vary across kernels, DESIGN §2): the kprobe
-# backend's hook candidates, and a few more that explain a kernel's userfaultfd.
+# Kernel functions of the userfaultfd paths (names vary across kernels: docs/design.md, 'Renamed
+# userfaultfd internals'): the kprobe backend's hook candidates, and a few more that explain a
+# kernel's userfaultfd.
 KERNEL_SYMBOLS = (
     *hooks.SYMBOLS,
     "userfaultfd_read",
@@ -318,7 +319,8 @@ def _check_headers(release: str) -> Check:
     version = found.group(1) if found else "unknown version"
     if version == release:
         return Check("kernel-headers", "system", True, f"{build} (the running kernel's)")
-    # Enough for uffdtrace: only tracepoint structs (from tracefs) and BPF helpers are used.
+    # Enough for uffdtrace: headers give only struct pt_regs and BCC's helpers; struct offsets
+# come from BTF (docs/design.md, 'What comes from the running kernel').
     return Check("kernel-headers", "system", True,
                  f"fallback to {version} headers ({build.resolve()})")
 
@@ -498,18 +500,16 @@ def _probe_fentry(bpf_class: Any, loaded: list[Any]) -> Check:
 
 
 def _check_bpf_stats() -> Check:
-    """Write kernel.bpf_stats_enabled back unchanged: the same write that would enable it."""
-    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    """Take and drop BPF_ENABLE_STATS's fd, as a session holds it for its run."""
+    def take_and_drop() -> None:
+        from uffdtrace.probes.bpfstats import stats_fd
 
-    def rewrite() -> str:
-        value = path.read_text()
-        path.write_text(value)
-        return value.strip()
+        os.close(stats_fd())
 
-    value, err = _attempt(rewrite)
+    _, err = _attempt(take_and_drop)
     if err:
-        return Check("bpf-stats", "bpf", False, err, "run as root (kernel.bpf_stats_enabled)")
-    return Check("bpf-stats", "bpf", True, f"kernel.bpf_stats_enabled writable (now {value})")
+        return Check("bpf-stats", "bpf", False, err, "run as root (BPF_ENABLE_STATS needs CAP_SYS_ADMIN)")
+    return Check("bpf-stats", "bpf", True, "BPF_ENABLE_STATS accepted: run-time stats while a session runs")
 
 
 def _probe_kallsyms() -> tuple[dict[str, int], list[Check]]:

@@ -1,8 +1,9 @@
 """The kernel functions the kprobe and fentry backends hook, with their names across kernels.
 
-Userfaultfd internals were renamed between 5.13 and 6.x (DESIGN §2) and many helpers are static
-and may be inlined, so each hook lists candidate symbols in order of preference and takes the
-first one /proc/kallsyms has. `doctor` reports the same resolution the backends attach.
+Userfaultfd internals were renamed between 5.13 and 6.x (docs/design.md, 'Renamed userfaultfd
+internals') and many helpers are static and may be inlined, so each hook lists candidate
+symbols in order of preference and takes the first one /proc/kallsyms has. `doctor` reports the
+same resolution the backends attach.
 
 The BPF side (bpf/kprobe.c) has one plain C function per hook action; the entry points that
 call them are generated here, as kprobe/kretprobe functions or as fentry/fexit programs.

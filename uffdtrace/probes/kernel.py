@@ -1,7 +1,8 @@
 """Facts about the running kernel that BPF programs are compiled against.
 
-The kernel headers on these machines belong to another kernel (DESIGN §4), so struct layouts
-come from the running kernel's BTF and function addresses from /proc/kallsyms.
+The kernel headers on these machines belong to another kernel (docs/design.md, 'Kernel-header
+fallback'), so struct layouts come from the running kernel's BTF and function addresses from
+/proc/kallsyms (docs/design.md, 'What comes from the running kernel').
 """
 
 from __future__ import annotations

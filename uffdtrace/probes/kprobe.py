@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import btf_function_arity, kallsyms
 from uffdtrace.probes.paths import HookPaths, Paths
 from uffdtrace.probes.records import F_UFFD
-from uffdtrace.probes.tracepoint import TracepointBackend
+from uffdtrace.probes.tracepoint import BPF_DIR, TracepointBackend
 
 # Return probes need one instance per thread inside the function at once. Threads sleep inside
 # userfaultfd_ioctl (a COPY waiting for a page lock, say), so allow many more than the
@@ -41,9 +40,8 @@ class KprobeBackend(TracepointBackend):
     recorded_flags: int = F_UFFD
 
     def source(self) -> str:
-        bpf = resources.files("uffdtrace.bpf")
-        return "".join([bpf.joinpath("tracepoint.c").read_text(),
-                        bpf.joinpath("kprobe.c").read_text(), self.entry_points()])
+        return "".join([super().source(), BPF_DIR.joinpath("kprobe.c").read_text(),
+                        self.entry_points()])
 
     def entry_points(self) -> str:
         return "".join(hooks.kprobe_functions(h)[2] for h in hooks.HOOKS)

@@ -103,7 +103,7 @@ class RegionPaths:
         infos = [self.region(int(f["pid"][i]), int(f["gen"][i]), int(f["addr"][i])) for i in first]
         backing = np.array([p.backing if p else None for p in infos], dtype=object)
         kind = np.array([p.kind if p else None for p in infos], dtype=object)[inverse]
-        kind[(f["len"] & X86_PF_PROT) != 0] = "wp"  # `len` holds a FAULT's error code
+        kind[(f["error_code"] & X86_PF_PROT) != 0] = "wp"
         return paths_frame(backing[inverse], kind)
 
 
@@ -121,5 +121,5 @@ class HookPaths:
         conditions = [(flags & F_HUGETLB) != 0, (flags & F_SHMEM) != 0,
                       uffd & self._anon_when_neither]
         backing = np.select(conditions, np.array(["hugetlb", "shmem", "anon"], dtype=object), None)
-        kind = pd.Series(f["mapped"]).map(self._reason_kinds).where(uffd)
+        kind = pd.Series(f["reason"]).map(self._reason_kinds).where(uffd)
         return paths_frame(backing, kind.to_numpy(dtype=object, na_value=None))

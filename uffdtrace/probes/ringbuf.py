@@ -25,14 +25,9 @@ class RingBufferReader:
         self._size = size
         self._mask = size - 1
         self._stride = _HEADER + ((record_dtype.itemsize + 7) & ~7)
-        self._dtype = np.dtype(
-            {
-                "names": ["hdr_len", *record_dtype.names],
-                "formats": [np.uint32, *(record_dtype.fields[n][0] for n in record_dtype.names)],
-                "offsets": [0, *(_HEADER + record_dtype.fields[n][1] for n in record_dtype.names)],
-                "itemsize": self._stride,
-            }
-        )
+        self._dtype = np.dtype({"names": ["hdr_len", "record"],
+                                "formats": [np.uint32, np.dtype((np.void, record_dtype.itemsize))],
+                                "offsets": [0, _HEADER], "itemsize": self._stride})
         page = mmap.PAGESIZE
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._prod_map = mmap.mmap(
@@ -58,10 +53,7 @@ class RingBufferReader:
             n = int(busy[0])
             view = view[:n]
             lengths = lengths[:n]
-        records = view[(lengths & _DISCARD) == 0][list(self._record_dtype.names)]
-        out = np.empty(records.shape, dtype=self._record_dtype)
-        for name in self._record_dtype.names:
-            out[name] = records[name]
+        out = view["record"][(lengths & _DISCARD) == 0].view(self._record_dtype)  # a copy
         self._cons[0] = cons + n * self._stride  # hand the space back to the kernel
         return out
 

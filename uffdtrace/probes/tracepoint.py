@@ -18,13 +18,15 @@ from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
 from uffdtrace.probes.paths import Paths, RegionPaths
 from uffdtrace.probes.records import (
     EV_FAULT,
-    EVENT_DTYPE,
     F_ACTIVE,
     F_BLOCKED_AT_END,
     F_MSG,
     F_SLEPT,
     F_WOKEN,
+    FAULT_DTYPE,
     LOST_REASONS,
+    RECORD_DTYPE,
+    records_of,
 )
 from uffdtrace.probes.ringbuf import RingBufferReader
 
@@ -32,6 +34,7 @@ MODES = ("light", "full")
 RINGBUF_BYTES = 128 << 20  # ~2 s of full-mode records at 200k faults/s, while the drain thread waits
 MAX_THREADS = 65536
 TARGET, HANDLER = 1, 2
+BPF_DIR = resources.files("uffdtrace.bpf")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class TracepointBackend:
             f"-DUIOCTL_END={uffd_ioctl[1]:#x}ULL",
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
+            f"-I{BPF_DIR}",  # records.h
         ]
         from bcc import BPF  # Debian's python3-bpfcc
 
@@ -83,7 +87,7 @@ class TracepointBackend:
         return flags
 
     def source(self) -> str:
-        return resources.files("uffdtrace.bpf").joinpath("tracepoint.c").read_text()
+        return BPF_DIR.joinpath("tracepoint.c").read_text()
 
     def start(self) -> None:
         """Compile and attach (BCC attaches every RAW_TRACEPOINT_PROBE it compiles)."""
@@ -105,7 +109,7 @@ class TracepointBackend:
         for pid in self.scope.pids:
             self.track(pid)
         events = self._bpf["events"]
-        self._ring = RingBufferReader(events.map_fd, RINGBUF_BYTES, EVENT_DTYPE)
+        self._ring = RingBufferReader(events.map_fd, RINGBUF_BYTES, RECORD_DTYPE)
 
     def attach(self) -> None:
         """Attach what BCC does not attach by itself (nothing: all are raw tracepoints)."""
@@ -161,12 +165,18 @@ class TracepointBackend:
             blocked = st.flags & F_SLEPT and not st.flags & F_WOKEN
             if st.flags & F_ACTIVE and (st.flags & self.recorded_flags or blocked):
                 flags = (st.flags & ~F_ACTIVE) | (F_BLOCKED_AT_END if blocked else 0)
-                rows.append((EV_FAULT, st.ioctl_nr, 0, flags, st.tgid, k.value,
-                             st.waker_pid, st.waker_tid, st.notify_tid, st.gen, st.fault_ns,
-                             st.block_ns, st.wake_ns, st.resume_ns, st.msg_ns, st.ioctl_enter_ns,
-                             0, st.addr, st.error_code, st.msg_flags, st.msg_tid, st.reason, st.mm,
-                             bytes(st.comm)))
-        return np.array(rows, dtype=EVENT_DTYPE)
+                rows.append({
+                    "type": EV_FAULT, "waker_nr": st.ioctl_nr, "flags": flags, "pid": st.tgid,
+                    "tid": k.value, "waker_pid": st.waker_pid, "waker_tid": st.waker_tid,
+                    "notify_tid": st.notify_tid, "gen": st.gen, "fault_ns": st.fault_ns,
+                    "block_ns": st.block_ns, "wake_ns": st.wake_ns, "resume_ns": st.resume_ns,
+                    "msg_ns": st.msg_ns, "waker_ioctl_ns": st.ioctl_enter_ns, "addr": st.addr,
+                    "error_code": st.error_code, "msg_flags": st.msg_flags, "reason": st.reason,
+                    "mm": st.mm, "msg_tid": st.msg_tid, "comm": bytes(st.comm)})
+        faults = np.zeros(len(rows), FAULT_DTYPE)
+        for i, row in enumerate(rows):
+            faults[i] = tuple(row.get(name, 0) for name in FAULT_DTYPE.names)
+        return records_of(faults)
 
     def lost(self) -> dict[str, int]:
         table = self._bpf["lost"]

@@ -1,6 +1,8 @@
 """The CSVs of `uffdtrace record`, per fault (-o) and per uffd ioctl (--ioctls): header first,
-one row per record, flushed per batch so that an interrupted run still leaves a complete,
-valid file.
+one row per record. Each batch goes to the kernel as whole rows, written straight to the file
+descriptor (no buffer left behind), so that an interrupted run still leaves a complete, valid
+file; when a write fails (a full disk, a closed pipe) a regular file is cut back to its last
+complete row and the OSError, naming the file, goes up to the session.
 
 Rows are formatted by Arrow's CSV writer: pandas' to_csv would cost more CPU than the
 kernel side at 100k faults/s. Missing values are empty cells.
@@ -8,8 +10,11 @@ kernel side at 100k faults/s. Missing values are empty cells.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -35,10 +40,12 @@ class CsvSink:
                  columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> None:
         self.rows = 0
         self.columns = columns
+        self.name = str(path) if stream is None else stream.name
         self._own = stream is None
-        self._f: BinaryIO = open(path, "wb") if stream is None else stream.buffer  # noqa: SIM115
-        self._f.write((",".join(columns) + "\n").encode())
-        self._f.flush()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) if stream is None \
+            else stream.fileno()
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._write((",".join(columns) + "\n").encode())
 
     def write(self, faults: pd.DataFrame) -> None:
         if faults.empty:
@@ -47,13 +54,27 @@ class CsvSink:
                           for name, (dtype, _) in self.columns.items()})
         rows = pa.BufferOutputStream()
         pacsv.write_csv(table, rows, write_options=_ROWS_ONLY)
-        self._f.write(rows.getvalue().to_pybytes())
-        self._f.flush()  # in the kernel now: a killed tracer still leaves whole rows
+        self._write(rows.getvalue().to_pybytes())
         self.rows += len(faults)
+
+    def _write(self, data: bytes) -> None:
+        """All of `data`, or an OSError with a regular file cut back to where it ended before."""
+        end = os.lseek(self._fd, 0, os.SEEK_CUR) if self._regular else None
+        try:
+            view = memoryview(data)
+            while view:  # a write can be short: the disk filled up, a signal came
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            if end is not None:
+                with contextlib.suppress(OSError):  # a file that cannot be cut keeps a partial row
+                    os.ftruncate(self._fd, end)
+                    os.lseek(self._fd, end, os.SEEK_SET)
+            e.filename = self.name
+            raise
 
     def close(self) -> None:
         if self._own:
-            self._f.close()
+            os.close(self._fd)
 
 
 class IoctlCsvSink:

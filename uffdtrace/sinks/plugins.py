@@ -5,8 +5,12 @@ the error; the others go on, and `failed` lists it (the command then exits non-z
 
 Live, each plugin has a worker thread behind a bounded queue, so a slow plugin never blocks
 the tracer's drain loop: when its queue is full the batch is skipped for that plugin and its
-rows are counted in `skipped_rows`, reported at the end. Offline (report) the host runs the
-plugins synchronously, in the caller's thread, and skips nothing.
+rows are counted in `skipped_rows`, reported at the end. A plugin falling behind (its queue
+more than half full, or batches skipped) is also reported while the run goes on, at most once
+per BEHIND_WARN_S. At close the plugins get SHUTDOWN_S in total to work off their queues; one
+still busy then is cut: what it had not processed is counted and named, and it gives no tables
+(it is in `cut`, and the command exits non-zero). Offline (report) the host runs the plugins
+synchronously, in the caller's thread, and skips nothing.
 
 For live viewers (`panels=True`) each worker also asks its plugin for panels after every tick;
 `panels()` returns the latest ones without waiting for any plugin.
@@ -15,7 +19,9 @@ For live viewers (`panels=True`) each worker also asks its plugin for panels aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import queue
 import sys
 import threading
@@ -30,7 +36,29 @@ from uffdtrace.plugins import Panel, Plugin, PluginInfo, RunContext, parse_optio
 
 QUEUE_BATCHES = 64
 TICK_S = 1.0
+SHUTDOWN_S = 2.0  # at close, for all live plugins together to work off their queues
+BEHIND_WARN_S = 10.0  # a plugin falling behind is reported at most this often
 ADDRESS_COLUMNS = ("addr", "page", "region")
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Batches handed to a plugin (or not), with their fault and ioctl rows."""
+
+    batches: int = 0
+    faults: int = 0
+    ioctls: int = 0
+
+    def add(self, hook: str, rows: int) -> None:
+        self.batches += 1
+        if hook == "batch":
+            self.faults += rows
+        else:
+            self.ioctls += rows
+
+    def __sub__(self, other: _Tally) -> _Tally:
+        return _Tally(self.batches - other.batches, self.faults - other.faults,
+                      self.ioctls - other.ioctls)
 
 
 class _Hosted:
@@ -42,15 +70,19 @@ class _Hosted:
         self.plugin: Plugin = info.cls()
         self.columns = list(info.cls.columns) if info.cls.columns is not None else None
         self.failed = False
-        self.skipped_rows = 0
-        self.skipped_ioctls = 0
+        self.skipped = _Tally()  # its queue was full
+        self.offered = _Tally()  # queued for its worker
+        self.done = _Tally()  # worked off by its worker
+        self.unprocessed: _Tally | None = None  # cut at the shutdown deadline: what it had left
+        self.warned_s = -math.inf
+        self.warned_skips = 0
         self.results: dict[str, pd.DataFrame] = {}
         self.panels: list[Panel] = []
         self.reset_due = False
         self.call("start", self.plugin.start, ctx)
         self.queue: queue.Queue[tuple[str, pd.DataFrame] | None] | None = None
         if ctx.live:
-            self.queue = queue.Queue(maxsize=host.queue_batches)
+            self.queue = queue.Queue()  # bounded by offer(), so that its end can always be put
             self.thread = threading.Thread(target=self.work, name=f"plugin-{self.name}",
                                            daemon=True)
             self.thread.start()
@@ -80,13 +112,22 @@ class _Hosted:
         """Live: hand a batch to the worker without ever waiting."""
         if self.failed:
             return
-        try:
-            self.queue.put_nowait((hook, df))
-        except queue.Full:
-            if hook == "batch":
-                self.skipped_rows += len(df)
-            else:
-                self.skipped_ioctls += len(df)
+        if self.queue.qsize() >= self.host.queue_batches:  # only this thread puts
+            self.skipped.add(hook, len(df))
+        else:
+            self.offered.add(hook, len(df))
+            self.queue.put((hook, df))
+
+    def behind(self) -> str | None:
+        """A warning if the queue is more than half full or batches were skipped since the
+        last one, at most once per BEHIND_WARN_S."""
+        queued, now = self.queue.qsize(), time.monotonic()
+        if now - self.warned_s < BEHIND_WARN_S or (
+                queued <= self.host.queue_batches // 2 and self.skipped.batches == self.warned_skips):
+            return None
+        self.warned_s, self.warned_skips = now, self.skipped.batches
+        return (f"uffdtrace: plugin {self.name} is falling behind: {queued} of "
+                f"{self.host.queue_batches} batches queued, {self.skipped.batches} skipped so far")
 
     def work(self) -> None:
         next_tick = time.monotonic() + self.host.tick_s
@@ -100,6 +141,7 @@ class _Hosted:
                     return
                 hook, df = item
                 self.feed(df, hook)
+                self.done.add(hook, len(df))
             if self.reset_due:
                 self.reset_due = False
                 self.call("reset", self.plugin.reset)
@@ -118,11 +160,33 @@ class _Hosted:
             raise TypeError("panels() must return list[Panel]")
         return panels
 
-    def finish(self) -> None:
+    def end(self) -> None:
+        """Live: no more batches; the worker returns once it has worked off its queue."""
         if self.queue is not None:
-            self.queue.put(None)  # blocks only until the worker catches up
-            self.thread.join()
+            self.queue.put(None)
+
+    def finish(self, deadline_s: float) -> None:
+        """Collect the tables, unless the worker is still busy with batches at `deadline_s`
+        (time.monotonic()): then the plugin is cut."""
+        if self.queue is not None:
+            self.thread.join(max(0.0, deadline_s - time.monotonic()))
+            if self.thread.is_alive() and self._cut():
+                return
+            self.thread.join()  # past its last batch
         self.results = self.call("finish", self._finish) or {}
+
+    def _cut(self) -> bool:
+        """Take the queue back; if the end was still in it, count what the worker has not
+        processed (its current batch too) and let it return after that batch."""
+        left = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                left.append(self.queue.get_nowait())
+        if not left or left[-1] is not None:
+            return False
+        self.unprocessed = self.offered - self.done
+        self.queue.put(None)
+        return True
 
     def _finish(self) -> dict[str, pd.DataFrame]:
         tables = self.plugin.finish()
@@ -138,14 +202,16 @@ class PluginSink:
     def __init__(self, plugins: Sequence[PluginInfo], ctx: RunContext,
                  options: dict[str, dict[str, Any]] | None = None, *,
                  queue_batches: int = QUEUE_BATCHES, tick_s: float = TICK_S,
-                 out_dir: Path | None = None, stream: TextIO | None = None,
-                 err: TextIO | None = None, panels: bool = False) -> None:
+                 shutdown_s: float = SHUTDOWN_S, out_dir: Path | None = None,
+                 stream: TextIO | None = None, err: TextIO | None = None,
+                 panels: bool = False) -> None:
         """Start every plugin. `options`: per plugin name (defaults when absent). At close,
         tables go as CSV files into `out_dir` and as text to `stream`, when given. `panels`: a
         live viewer will call panels()."""
         self.want_panels = panels
         self.queue_batches = queue_batches
         self.tick_s = tick_s
+        self.shutdown_s = shutdown_s
         self.out_dir = out_dir
         self.stream = stream
         self.err = err if err is not None else sys.stderr
@@ -168,18 +234,29 @@ class PluginSink:
         if df.empty:
             return
         for h in self._hosted:
-            if self.live:
-                h.offer(df, hook)
-            else:
+            if not self.live:
                 h.feed(df, hook)
+                continue
+            h.offer(df, hook)
+            if not self.want_panels and (warning := h.behind()):  # a viewer has a status line
+                print(warning, file=self.err, flush=True)
 
     def close(self) -> None:
+        deadline_s = time.monotonic() + self.shutdown_s
         for h in self._hosted:
-            h.finish()
-            if h.skipped_rows or h.skipped_ioctls:
-                ioctls = f" and {h.skipped_ioctls} ioctl rows" if h.skipped_ioctls else ""
-                print(f"uffdtrace: plugin {h.name} fell behind: {h.skipped_rows} fault rows"
+            h.end()
+        for h in self._hosted:
+            h.finish(deadline_s)
+            if h.skipped.batches:
+                ioctls = f" and {h.skipped.ioctls} ioctl rows" if h.skipped.ioctls else ""
+                print(f"uffdtrace: plugin {h.name} fell behind: {h.skipped.faults} fault rows"
                       f"{ioctls} skipped", file=self.err)
+            if h.unprocessed is not None:
+                left = h.unprocessed
+                ioctls = f", {left.ioctls:,} ioctls" if left.ioctls else ""
+                print(f"uffdtrace: plugin {h.name} skipped {left.batches} batches "
+                      f"({left.faults:,} faults{ioctls}) at shutdown: still busy "
+                      f"{self.shutdown_s:g} s after tracing stopped, so no tables", file=self.err)
         self.results = {h.name: h.results for h in self._hosted if h.results}
         if self.out_dir is not None:
             write_tables(self.results, self.out_dir)
@@ -207,9 +284,14 @@ class PluginSink:
         return [h.name for h in self._hosted if h.failed]
 
     @property
+    def cut(self) -> list[str]:
+        """Names of the plugins still busy at the shutdown deadline (they gave no tables)."""
+        return [h.name for h in self._hosted if h.unprocessed is not None]
+
+    @property
     def skipped_rows(self) -> dict[str, int]:
         """Fault rows each plugin missed because its queue was full (live only)."""
-        return {h.name: h.skipped_rows for h in self._hosted}
+        return {h.name: h.skipped.faults for h in self._hosted}
 
 
 def write_tables(results: dict[str, dict[str, pd.DataFrame]], out_dir: Path) -> list[Path]:

@@ -1,0 +1,128 @@
+"""QEMU post-copy blocktime per vCPU, in two definitions side by side.
+
+- stall: what the vCPU lived through, from its fault to its return to the guest
+  ([fault_ns, fault_ns + stall_ns)): uffdtrace's definition.
+- qemu: QEMU's postcopy-blocktime, from the moment QEMU's fault thread read the fault message
+  to the return of the ioctl that placed the page ([msg_ns, cont_exit_ns): full mode). This is
+  what `query-migrate` reports as postcopy-vcpu-blocktime and postcopy-blocktime (QEMU counts
+  a vCPU's time only for faults whose message it read itself: a fault resolved by the
+  background stream before QEMU read its request has none).
+
+Rows of threads that are not vCPUs (the `vcpu` column is empty) are ignored.
+
+Tables:
+  vcpus      pid, vcpu, tid, faults, requests (faults with a message read), stall_ns,
+             qemu_ns (per-vCPU sums; overlapping faults of one vCPU counted once)
+  processes  pid, vcpus, faults, all_blocked_ns, all_blocked_qemu_ns: the time during which
+             every vCPU seen faulting in the run was blocked at once, in each definition
+
+Panel (live viewers): vCPUs with their faults and blocked time in both definitions, shown once
+a vCPU has faulted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from uffdtrace.aggregate import all_blocked_ns, merge_intervals
+from uffdtrace.plugins import Panel, Plugin, RunContext, Table
+
+COLUMNS = ("pid", "tid", "vcpu", "fault_ns", "stall_ns", "msg_ns", "cont_exit_ns")
+VCPU_COLUMNS = ["pid", "vcpu", "tid", "faults", "requests", "stall_ns", "qemu_ns"]
+PROCESS_COLUMNS = ["pid", "vcpus", "faults", "all_blocked_ns", "all_blocked_qemu_ns"]
+
+
+class QemuPlugin(Plugin):
+    name = "qemu"
+    description = "QEMU post-copy blocktime per vCPU: the true stall and QEMU's definition"
+    columns = COLUMNS
+
+    def start(self, ctx: RunContext) -> None:
+        self.keep = ctx.tables
+        self._parts: list[pd.DataFrame] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._live = pd.DataFrame(columns=VCPU_COLUMNS)
+
+    def batch(self, df: pd.DataFrame) -> None:
+        df = df[df["vcpu"].notna() & df["pid"].notna()]
+        if df.empty:
+            return
+        if self.keep:
+            self._parts.append(df)
+        self._live = _sum_per_vcpu(pd.concat([self._live, _per_vcpu(df)], ignore_index=True))
+
+    def panels(self) -> list[Panel]:
+        if self._live.empty:
+            return []
+        rows = tuple((int(r.pid), int(r.vcpu), int(r.faults), int(r.stall_ns) // 1000,
+                      int(r.qemu_ns) // 1000) for r in self._live.itertuples())
+        return [Panel("vcpus", (Table("vCPUs: blocked time", (
+            "pid", "vcpu", "faults", "stall_us", "qemu_us"), rows, sort=1),))]
+
+    def finish(self) -> dict[str, pd.DataFrame]:
+        if not self._parts:
+            return {"vcpus": pd.DataFrame(columns=VCPU_COLUMNS),
+                    "processes": pd.DataFrame(columns=PROCESS_COLUMNS)}
+        df = pd.concat(self._parts, ignore_index=True)
+        stall, qemu = _intervals(df, "fault_ns", None), _intervals(df, "msg_ns", "cont_exit_ns")
+        vcpus = df.groupby(["pid", "vcpu"]).agg(tid=("tid", "last"), faults=("tid", "size"),
+                                                requests=("msg_ns", "count")).reset_index()
+        vcpus["stall_ns"] = _covered(vcpus, stall)
+        vcpus["qemu_ns"] = _covered(vcpus, qemu)
+        procs = vcpus.groupby("pid").agg(vcpus=("vcpu", "size"), faults=("faults", "sum")).reset_index()
+        procs["all_blocked_ns"] = _all_blocked(procs, stall)
+        procs["all_blocked_qemu_ns"] = _all_blocked(procs, qemu)
+        return {"vcpus": vcpus[VCPU_COLUMNS].astype({"tid": "Int64"}),
+                "processes": procs[PROCESS_COLUMNS]}
+
+
+Intervals = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pid, vcpu, start, end
+
+
+def _intervals(df: pd.DataFrame, begin: str, end: str | None) -> Intervals:
+    """Each vCPU's blocked intervals, merged: [begin, end) (end None: begin + stall_ns)."""
+    stop = df["stall_ns"] + df[begin] if end is None else df[end]
+    ok = (df[begin].notna() & stop.notna()).to_numpy(bool)
+    pid, vcpu = df["pid"].to_numpy(np.int64)[ok], df["vcpu"].to_numpy(np.int64)[ok]
+    start, finish = df[begin].to_numpy(np.int64, na_value=0)[ok], stop.to_numpy(np.int64, na_value=0)[ok]
+    key = pid << 32 | vcpu  # merge_intervals merges per (pid, thread): here per (pid, vCPU)
+    merged_key, start, finish = merge_intervals(key, np.zeros_like(key), start, finish)
+    return merged_key >> 32, merged_key & 0xFFFFFFFF, start, finish
+
+
+def _covered(vcpus: pd.DataFrame, intervals: Intervals) -> np.ndarray:
+    pid, vcpu, start, end = intervals
+    spans = pd.Series(end - start).groupby([pid, vcpu]).sum()
+    keys = pd.MultiIndex.from_frame(vcpus[["pid", "vcpu"]].astype(np.int64))
+    return spans.reindex(keys, fill_value=0).to_numpy(np.int64)
+
+
+def _all_blocked(procs: pd.DataFrame, intervals: Intervals) -> list[int]:
+    pid, _, start, end = intervals
+    order = np.argsort(pid, kind="stable")
+    pid, start, end = pid[order], start[order], end[order]
+    out = []
+    for p, n in zip(procs["pid"].to_numpy(np.int64), procs["vcpus"], strict=True):
+        lo, hi = np.searchsorted(pid, p, side="left"), np.searchsorted(pid, p, side="right")
+        out.append(all_blocked_ns(start[lo:hi], end[lo:hi], int(n)))
+    return out
+
+
+def _per_vcpu(df: pd.DataFrame) -> pd.DataFrame:
+    """One batch's sums per vCPU (live: overlapping faults of a vCPU are summed, not merged)."""
+    qemu = (df["cont_exit_ns"] - df["msg_ns"]).astype("Float64")
+    return (df.assign(qemu_ns=qemu, requests=df["msg_ns"].notna())
+            .groupby(["pid", "vcpu"])
+            .agg(tid=("tid", "last"), faults=("tid", "size"), requests=("requests", "sum"),
+                 stall_ns=("stall_ns", "sum"), qemu_ns=("qemu_ns", "sum"))
+            .reset_index())
+
+
+def _sum_per_vcpu(df: pd.DataFrame) -> pd.DataFrame:
+    return (df.groupby(["pid", "vcpu"])
+            .agg(tid=("tid", "last"), faults=("faults", "sum"), requests=("requests", "sum"),
+                 stall_ns=("stall_ns", "sum"), qemu_ns=("qemu_ns", "sum"))
+            .reset_index()[VCPU_COLUMNS])

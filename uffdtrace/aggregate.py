@@ -1,0 +1,74 @@
+"""Vectorised building blocks for plugins: log2 histograms of durations (also per group) and
+the overlap of per-thread blocked intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SUB_BUCKETS = 16  # per power of two in LogHistogram: percentiles within ~4 %
+
+
+def log2_us_buckets(ns: np.ndarray) -> np.ndarray:
+    """Bucket index of each duration: floor(log2(us)), with anything under 2 us in bucket 0."""
+    us = np.maximum(ns // 1000, 1)
+    return np.frexp(us.astype(np.float64))[1] - 1
+
+
+class LogHistogram:
+    """Running counts of ns durations in log-linear bins: cheap to add to, percentiles within
+    a few percent. Groups: one histogram per row of `counts`."""
+
+    BINS = 64 * SUB_BUCKETS
+
+    def __init__(self, groups: int = 1) -> None:
+        self.counts = np.zeros((groups, self.BINS), dtype=np.int64)
+
+    def grow(self, groups: int) -> None:
+        """Have at least `groups` groups (new ones empty)."""
+        more = groups - len(self.counts)
+        if more > 0:
+            self.counts = np.vstack([self.counts, np.zeros((more, self.BINS), dtype=np.int64)])
+
+    def add(self, ns: np.ndarray, group: np.ndarray | None = None) -> None:
+        """Count durations `ns` (into group 0, or each into its `group`)."""
+        fine = np.log2(np.maximum(ns, 1).astype(np.float64)) * SUB_BUCKETS
+        index = fine.astype(np.int64) + (0 if group is None else group * self.BINS)
+        self.counts += np.bincount(index, minlength=self.counts.size).reshape(self.counts.shape)
+
+    def percentile(self, q: float) -> np.ndarray:
+        """Per group: the q-th percentile in ns (geometric middle of its bin; 0 when empty)."""
+        cum = self.counts.cumsum(axis=1)
+        rank = np.ceil(cum[:, -1] * q / 100).clip(1)
+        index = (cum < rank[:, None]).sum(axis=1)
+        return np.where(cum[:, -1] > 0, 2 ** ((index + 0.5) / SUB_BUCKETS), 0)
+
+
+
+def merge_intervals(pid: np.ndarray, tid: np.ndarray, start: np.ndarray, end: np.ndarray,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The union of [start, end) per thread, as disjoint intervals (pid, start, end) sorted by
+    pid."""
+    if not pid.size:
+        return pid, start, end
+    order = np.lexsort((start, tid, pid))
+    pid, tid, start, end = pid[order], tid[order], start[order], end[order]
+    same = np.zeros(pid.size, dtype=bool)
+    same[1:] = (pid[1:] == pid[:-1]) & (tid[1:] == tid[:-1])
+    thread = np.cumsum(~same)
+    reach = pd.Series(end).groupby(thread).cummax().to_numpy()  # furthest end so far
+    new = ~same
+    new[1:] |= start[1:] > reach[:-1]
+    first = np.flatnonzero(new)
+    return pid[first], start[first], np.maximum.reduceat(end, first)
+
+
+def all_blocked_ns(start: np.ndarray, end: np.ndarray, threads: int) -> int:
+    """Time covered by `threads` of the (per-thread disjoint) intervals at once."""
+    if threads == 0 or start.size < threads:
+        return 0
+    times = np.concatenate([start, end])
+    delta = np.concatenate([np.ones(start.size, np.int64), -np.ones(end.size, np.int64)])
+    order = np.lexsort((delta, times))  # at equal times ends go first: intervals are half-open
+    times, depth = times[order], np.cumsum(delta[order])
+    return int(np.diff(times)[depth[:-1] == threads].sum())
