@@ -17,12 +17,13 @@ PLUGINS = ["latency", "blocktime", "hotpages", "misuse", "timeline"]
 
 
 def traced_run(tmp: Path, exercise_args: list[str]) -> tuple[Path, pd.DataFrame, dict]:
-    """`record --plugin ... -- exercise ...`: the live tables land in tmp/live."""
+    """`record --plugin ... -- exercise ...`: the live tables land in tmp/live, the ioctl rows
+    (which plugins see too) in tmp/ioctls.csv."""
     gt_csv, gt_json = tmp / "gt.csv", tmp / "gt.json"
     workload = shlex.join([*UFFDTRACE, "exercise", *exercise_args, "--csv", str(gt_csv), "--json"])
     plugin_args = [a for p in PLUGINS for a in ("--plugin", p)]
     out = subprocess.run(
-        [*UFFDTRACE, "record", "-o", str(tmp / "rec.csv"), *plugin_args,
+        [*UFFDTRACE, "record", "-o", str(tmp / "rec.csv"), "--ioctls", str(tmp / "ioctls.csv"), *plugin_args,
          "--plugin-out", str(tmp / "live"), "--", "sh", "-c", f"{workload} > {gt_json}"],
         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
@@ -32,8 +33,9 @@ def traced_run(tmp: Path, exercise_args: list[str]) -> tuple[Path, pd.DataFrame,
 def report(tmp: Path, recording: Path, plugins: list[str]) -> Path:
     out_dir = tmp / "offline"
     plugin_args = [a for p in plugins for a in ("--plugin", p)]
-    out = subprocess.run([*UFFDTRACE, "report", str(recording), *plugin_args, "--out", str(out_dir),
-                          "--format", "csv"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*UFFDTRACE, "report", str(recording), "--ioctls", str(tmp / "ioctls.csv"),
+                          *plugin_args, "--out", str(out_dir), "--format", "csv"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out_dir
 

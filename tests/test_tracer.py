@@ -359,6 +359,8 @@ def test_existing_process_by_pid(tmp_path):
         ["record", "--mode", "nope", "--all"],
         ["record", "--", "/nonexistent/command"],
         ["record", "-o", "/nonexistent/dir/x.csv", "--all"],
+        ["record", "--qmp", "/nonexistent/qmp.sock", "--all"],
+        ["top", "--qmp", "/nonexistent/qmp.sock", "--all"],
     ],
 )
 def test_bad_input_is_one_line(argv):
@@ -374,6 +376,28 @@ def test_bad_input_says_what_is_wrong(tmp_path):
     assert out.stderr.strip() == f"uffdtrace: plugin {tmp_path} is a directory: name a Python file in it"
     out = subprocess.run([*UFFDTRACE, "record", "-d", "nan", "--all"], capture_output=True, text=True)
     assert out.stderr.strip() == "uffdtrace: --duration must be a positive number of seconds"
+
+
+@pytest.mark.parametrize("mode", ["light", "full"])
+def test_ebpf_prints_the_program_that_would_run(mode):
+    """--ebpf: the compile flags, then the whole program (records.h in place of its #include),
+    and nothing is loaded: it compiles to exactly what `record` would run."""
+    out = subprocess.run([*UFFDTRACE, "record", "--mode", mode, "--ebpf", "--", "true"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    flags, program = out.stdout.split("\n", 1)
+    assert flags.startswith("// cflags: -D") and "-DFOLLOW_CHILDREN" in flags
+    assert ("-DFULL_MODE" in flags) == (mode == "full")
+    assert "struct fault_record {" in program and '#include "records.h"' not in program
+    from bcc import BPF
+
+    cflags = flags.removeprefix("// cflags: ").split()
+    bpf = BPF(text=program, cflags=cflags)
+    try:
+        attached = {tp.decode() for tp in bpf.raw_tracepoint_fds}
+    finally:
+        bpf.cleanup()
+    assert ("sys_exit" in attached) == (mode == "full")
 
 
 def test_a_pid_without_userfaultfd_gets_a_hint(tmp_path):

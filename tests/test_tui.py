@@ -31,7 +31,7 @@ from uffdtrace.session import Session
 from uffdtrace.sinks.csv import CsvSink
 from uffdtrace.sinks.plugins import PluginSink
 from uffdtrace.targets import LaunchedCommand
-from uffdtrace.tui import SessionStatus, TopApp
+from uffdtrace.tui import StatusLine, TopApp
 from uffdtrace.tui.render import format_count, merged
 
 UFFDTRACE = Path(sys.executable).with_name("uffdtrace")
@@ -218,7 +218,7 @@ def test_live_exerciser(no_leaks):
         worker = threading.Thread(target=session.run,
                                   kwargs={"until": lambda: launched.poll() is not None})
         worker.start()
-        app = TopApp(host, SessionStatus(session, host), interval_s=0.2)
+        app = TopApp(host, StatusLine(session.status, lambda: 0), interval_s=0.2)
 
         async def watch(pilot):
             deadline = time.monotonic() + 30

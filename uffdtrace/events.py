@@ -1,5 +1,5 @@
 """The two record types of uffdtrace: a userfaultfd fault, from touch to resume, and a uffd
-ioctl of a traced process.
+ioctl of a traced process; and what a live session reports about itself.
 
 Records travel in batches as pandas DataFrames with exactly these columns (the CSVs of
 `uffdtrace record`, `-o` and `--ioctls`, have the same columns in this order). Times are
@@ -98,6 +98,21 @@ class BlockedFault:
     tid: int
     addr: int
     fault_ns: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """A live session at one instant, for status lines (the TUI's, a plugin host's)."""
+
+    backend: str
+    mode: str
+    faults: int
+    lost: int
+    bpf_run_ns: int  # the tracer's BPF programs' run time since they were loaded
+    bpf_runs: int
+    cpu_s: float  # the tracer process's CPU time
+    at_s: float  # time.monotonic() of the snapshot
+    blocked: tuple[BlockedFault, ...]  # faults blocked now, oldest first (as of the last scan)
 
 
 def empty_faults(columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> pd.DataFrame:

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from uffdtrace.events import BlockedFault
+from uffdtrace.events import BlockedFault, Status
 from uffdtrace.pipeline import Assembler, Batch
 from uffdtrace.probes.backends import resolve
 from uffdtrace.probes.bpfstats import BpfStats
-from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
+from uffdtrace.probes.tracepoint import HANDLER, TracepointBackend, TraceScope
 from uffdtrace.sinks import IoctlSink, Sink
 from uffdtrace.summary import FaultStats
 from uffdtrace.targets import LaunchedCommand, uffd_holders, uffd_inodes, uffd_ranges
@@ -43,7 +43,8 @@ class Session:
     mode: str
     scope: TraceScope
     sinks: list[Sink]
-    requested_backend: str = "auto"
+    backend_class: type[TracepointBackend] | None = None  # None: what `--backend auto` picks
+    vcpus: dict[int, int] = field(default_factory=dict)  # tid -> QEMU vCPU index (from QMP)
     stats: FaultStats = field(default_factory=FaultStats)
     startup_s: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -60,12 +61,13 @@ class Session:
         self._me = os.getpid()
         self._wall0 = t0
         self._bpf_stats.enable()
-        backend = resolve(self.requested_backend)(self.mode, self.scope)
+        backend = (self.backend_class or resolve("auto"))(self.mode, self.scope)
         backend.start()
         self.backend = backend
         self._add_handlers()
         self.ranges_at_start = [r for pid in self.scope.pids for r in uffd_ranges(pid)]
-        self.assembler = Assembler(self.mode, self.backend.paths(), self.backend.sees_ioctls())
+        self.assembler = Assembler(self.mode, self.backend.paths(), self.backend.sees_ioctls(),
+                                   vcpus=self.vcpus)
         self.startup_s = time.monotonic() - t0
 
     def _add_handlers(self) -> None:
@@ -75,7 +77,7 @@ class Session:
         known = self.backend.tracked()
         inodes = set().union(*(uffd_inodes(p) for p in known))
         for pid in uffd_holders(inodes) - known.keys():
-            self.backend.track(pid, role=2)
+            self.backend.track(pid, role=HANDLER)
 
     def stop(self) -> None:
         self._stop.set()
@@ -114,6 +116,12 @@ class Session:
         if rest is not None:
             self._feed(rest)
         self.poll()
+
+    def status(self) -> Status:
+        """Where the running session stands (for a status line)."""
+        run_ns, runs = self.backend.run_stats()
+        return Status(self.backend.name, self.mode, self.stats.faults, sum(self.backend.lost().values()),
+                      run_ns, runs, time.process_time(), time.monotonic(), tuple(self.blocked))
 
     def _scan_blocked(self) -> None:
         self.blocked = self.backend.blocked_now()

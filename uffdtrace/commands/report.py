@@ -22,16 +22,18 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from uffdtrace.commands.options import add_plugin_arguments, plugin_sink_from_args
 from uffdtrace.errors import UserError
 from uffdtrace.events import CATEGORIES, FAULT_COLUMNS, IOCTL_COLUMNS, coerce_faults
 from uffdtrace.plugins import RunContext
-from uffdtrace.sinks.plugins import add_plugin_arguments, format_tables, plugin_sink_from_args
+from uffdtrace.sinks.plugins import format_tables
 
 DEFAULT_PLUGINS = ("latency", "blocktime", "hotpages", "misuse", "timeline")
 CHUNK_ROWS = 200_000
@@ -121,9 +123,11 @@ def read_faults(path: Path, chunk_rows: int = CHUNK_ROWS,
 def _chunks(path: Path, chunk_rows: int, columns: dict[str, tuple[str, str]]) -> Iterator[pd.DataFrame]:
     dtypes = {name: dtype for name, (dtype, _) in columns.items()}
     try:
+        # index_col=False: with more fields than the header in the first row, pandas would take
+        # the first ones as the index and shift every row's values into the wrong columns
         with pd.read_csv(path, dtype=dtypes, chunksize=chunk_rows, keep_default_na=False,
-                         na_values=[""]) as reader:
-            for chunk in reader:
+                         na_values=[""], index_col=False) as reader:
+            while (chunk := _next_chunk(path, reader)) is not None:
                 _check_categories(path, chunk)
                 yield coerce_faults(chunk, columns)
     except pd.errors.ParserError as e:
@@ -131,8 +135,22 @@ def _chunks(path: Path, chunk_rows: int, columns: dict[str, tuple[str, str]]) ->
         raise UserError(f"{path}: {message}") from e
     except UnicodeDecodeError as e:  # a ValueError too: before the integer-cell search
         raise UserError(f"{path}: not UTF-8 text after the header (a binary file?)") from e
-    except (ValueError, OverflowError) as e:
+    except (ValueError, OverflowError, TypeError) as e:  # TypeError: '1.5' in an Int64 column
         raise UserError(f"{path}: {_bad_cell(path, chunk_rows, dtypes) or e}") from e
+
+
+def _next_chunk(path: Path, reader: pd.io.parsers.TextFileReader) -> pd.DataFrame | None:
+    """The next chunk (None at the end). Rows with more fields than the header are refused:
+    with index_col=False pandas drops the extra values with only a warning (later rows with
+    more fields than the first are a ParserError)."""
+    with warnings.catch_warnings():  # around the read only: the caller's code runs between chunks
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return next(reader)
+        except StopIteration:
+            return None
+        except pd.errors.ParserWarning:
+            raise UserError(f"{path}: a row has more fields than the header") from None
 
 
 def _check_categories(path: Path, chunk: pd.DataFrame) -> None:
@@ -155,17 +173,22 @@ def _some(names: list[str], most: int = 6) -> str:
 
 
 def _bad_cell(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> str | None:
-    """Where the first value that is not an integer sits in an integer column."""
+    """Where the first value that is not an integer (of 64 bits) sits in an integer column."""
     integer = [n for n, dtype in dtypes.items() if dtype == "Int64"]
     with pd.read_csv(path, dtype=str, usecols=integer, chunksize=chunk_rows,
-                     keep_default_na=False) as reader:
+                     keep_default_na=False, index_col=False) as reader:
         for first, chunk in enumerate(reader):
             for name in integer:
                 values = chunk[name]
-                bad = values[(values != "") & ~values.str.fullmatch(INTEGER)]
-                if not bad.empty:
-                    line = first * chunk_rows + int(bad.index[0] - chunk.index[0]) + 2
-                    return f"line {line}: column {name} needs an integer, not {bad.iloc[0]!r}"
+                is_int = np.array(values.str.fullmatch(INTEGER), dtype=bool)
+                fits = is_int.copy()
+                long = np.flatnonzero(is_int & np.array(values.str.len() > 18))
+                fits[long] = [-(2**63) <= int(v) < 2**63 for v in values.iloc[long]]  # Int64's range
+                bad = np.flatnonzero(np.array(values != "") & ~fits)
+                if len(bad):
+                    line = first * chunk_rows + int(bad[0]) + 2
+                    what = "a 64-bit integer" if is_int[bad[0]] else "an integer"
+                    return f"line {line}: column {name} needs {what}, not {values.iloc[bad[0]]!r}"
     return None
 
 

@@ -25,23 +25,25 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from uffdtrace.commands.record import build_summary, print_summary
-from uffdtrace.commands.targeting import (
+from uffdtrace.commands.options import (
     add_command_argument,
     add_probe_arguments,
     add_target_arguments,
-    chosen_command,
-    run_context,
+    plan_from_args,
+    print_program,
 )
 from uffdtrace.errors import UserError
 from uffdtrace.plugins import parse_options, resolve
-from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session
 from uffdtrace.sinks.plugins import PluginSink
-from uffdtrace.targets import LaunchedCommand, check_pids
-from uffdtrace.tui import run_top
+from uffdtrace.summary import print_summary
+from uffdtrace.targets import LaunchedCommand
+from uffdtrace.tracing import trace
+from uffdtrace.tui import StatusLine, TopApp
 
 PANEL_PLUGINS = ("latency", "timeline", "blocktime", "misuse", "qemu")
 
@@ -63,43 +65,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    command = chosen_command(args)
     if not 0.05 <= args.interval <= 1.0:
         raise UserError("--interval must be between 0.05 and 1 s")
+    plan = plan_from_args(args)
+    if args.ebpf:
+        print_program(plan)
+        return 0
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserError("top needs a terminal (use `uffdtrace record` otherwise)")
-    pids = check_pids(args.pid)
     infos = resolve([*PANEL_PLUGINS, *(s for s in args.plugin if s not in PANEL_PLUGINS)])
-    ctx = run_context(pids, command, args.mode, args.backend, tables=False)
     errors = io.StringIO()  # plugin failures: shown in the app, printed after it
-    host = PluginSink(infos, ctx, parse_options(args.opt, infos), tick_s=args.interval,
-                      err=errors, panels=True)
+    host = PluginSink(infos, plan.context(tables=False), parse_options(args.opt, infos),
+                      tick_s=args.interval, err=errors, panels=True)
     with tempfile.TemporaryFile() as held:  # the command's output, shown after the screen
-        launched = launch(command, held.fileno()) if command else None
-        scope = TraceScope(pids=tuple(pids) + ((launched.pid,) if launched else ()),
-                           all=args.all, follow_children=bool(launched))
-        session = Session(args.mode, scope, [host], requested_backend=args.backend)
-        try:
-            print("uffdtrace: starting the tracer...", file=sys.stderr)
-            session.start()
-            if launched:
-                launched.release()
-            run_top(session, host,
-                    until=lambda: launched is not None and launched.poll() is not None,
-                    hold=args.hold, interval_s=args.interval, snapshot_dir=args.snapshot_dir)
-        finally:
-            if launched and launched.poll() is None:
-                launched.terminate()
-                launched.wait()
-            info = session.close()
+        print("uffdtrace: starting the tracer...", file=sys.stderr)
+        outcome = trace(plan, [host], lambda session, ended: show(
+            session, host, ended, hold=args.hold, interval_s=args.interval,
+            snapshot_dir=args.snapshot_dir), launch=lambda command: launch(command, held.fileno()))
         with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
             held.seek(0)
             sys.stdout.flush()
             shutil.copyfileobj(held, sys.stdout.buffer)
             sys.stdout.flush()
             print(errors.getvalue(), end="", file=sys.stderr)
-            print_summary(build_summary(session, info, args.mode, launched), sys.stderr)
+            print_summary(outcome.summary, sys.stderr)
     return 1 if host.failed or host.cut else 0
+
+
+def show(session: Session, host: PluginSink, ended: Callable[[], bool], *, hold: bool,
+         interval_s: float, snapshot_dir: Path) -> None:
+    """Show `host`'s panels while the started `session` runs in a worker thread, until the
+    user quits, a signal (INT, TERM, HUP) arrives or `ended()` holds (the traced command
+    ended); with `hold`, the last screen stays up after that until the user quits. The
+    session is then stopped, not closed."""
+    failure: list[BaseException] = []
+
+    def run_session() -> None:
+        try:
+            session.run(until=ended)
+        except BaseException as e:  # re-raised below, once the terminal is restored
+            failure.append(e)
+
+    worker = threading.Thread(target=run_session, name="uffdtrace-session", daemon=True)
+    status_line = StatusLine(session.status, lambda: sum(host.skipped_rows.values()))
+
+    def status() -> str:  # what ended comes first: the line is cut at the terminal's width
+        return status_line() if worker.is_alive() else f"ended, q quits · {status_line()}"
+
+    app = TopApp(host, status, interval_s=interval_s,
+                 done=lambda: not hold and not worker.is_alive(), snapshot_dir=snapshot_dir)
+    worker.start()
+    try:
+        app.run()
+    finally:
+        session.stop()
+        worker.join()
+    if failure:
+        raise failure[0]
 
 
 def launch(command: list[str], out_fd: int) -> LaunchedCommand:

@@ -6,8 +6,6 @@ import ctypes
 import os
 import struct
 
-from bcc import libbcc
-
 BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type (uapi/linux/bpf.h)
 # struct bpf_prog_info (uapi/linux/bpf.h): run_time_ns and run_cnt follow prog_tags.
 _INFO_SIZE = 256
@@ -40,6 +38,8 @@ class BpfStats:
 def stats_fd() -> int:
     """An fd that holds BPF run-time stats on until it is closed (close-on-exec, as libbpf
     opens it: a traced command does not inherit it)."""
+    from bcc import libbcc  # Debian's python3-bpfcc, imported when tracing starts
+
     fd = libbcc.lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
     if fd < 0:
         raise OSError(-fd, f"BPF_ENABLE_STATS: {os.strerror(-fd)}")
@@ -50,6 +50,8 @@ def prog_run_stats(prog_fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of one loaded program."""
     buf = ctypes.create_string_buffer(_INFO_SIZE)
     size = ctypes.c_uint32(_INFO_SIZE)
+    from bcc import libbcc
+
     if libbcc.lib.bpf_obj_get_info(prog_fd, buf, ctypes.byref(size)) != 0:
         return 0, 0
     return struct.unpack_from("<QQ", buf.raw, _RUN_TIME_OFF)

@@ -72,7 +72,6 @@ class TracepointBackend:
             f"-DUIOCTL_END={uffd_ioctl[1]:#x}ULL",
             f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
-            f"-I{BPF_DIR}",  # records.h
         ]
         from bcc import BPF  # Debian's python3-bpfcc
 
@@ -87,7 +86,11 @@ class TracepointBackend:
         return flags
 
     def source(self) -> str:
-        return BPF_DIR.joinpath("tracepoint.c").read_text()
+        """The program as compiled: bpf/tracepoint.c with bpf/records.h in place of its
+        #include (what --ebpf prints is all there is)."""
+        text = BPF_DIR.joinpath("tracepoint.c").read_text()
+        include = next(line for line in text.splitlines() if line.startswith('#include "records.h"'))
+        return text.replace(include, BPF_DIR.joinpath("records.h").read_text().rstrip())
 
     def start(self) -> None:
         """Compile and attach (BCC attaches every RAW_TRACEPOINT_PROBE it compiles)."""

@@ -18,7 +18,6 @@ For live viewers (`panels=True`) each worker also asks its plugin for panels aft
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -32,7 +31,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from uffdtrace.plugins import Panel, Plugin, PluginInfo, RunContext, parse_options, resolve
+from uffdtrace.plugins import Panel, Plugin, PluginInfo, RunContext
 
 QUEUE_BATCHES = 64
 TICK_S = 1.0
@@ -327,24 +326,3 @@ def format_tables(results: dict[str, dict[str, pd.DataFrame]], max_rows: int = 4
 
 def _hex(value: Any) -> str:
     return "<NA>" if pd.isna(value) else hex(value)
-
-
-def add_plugin_arguments(parser: argparse.ArgumentParser, out_flag: str = "--plugin-out") -> None:
-    """--plugin, --opt and an output-directory flag (dest: plugin_out)."""
-    parser.add_argument("--plugin", action="append", default=[], metavar="NAME|PATH",
-                        help="run this plugin: an installed name (see `uffdtrace plugins`) or a "
-                             "file path like ./mine.py (repeatable)")
-    parser.add_argument("--opt", action="append", default=[], metavar="PLUGIN.NAME=VALUE",
-                        help="set a plugin option (repeatable)")
-    parser.add_argument(out_flag, dest="plugin_out", type=Path, metavar="DIR",
-                        help="write each plugin table as DIR/<plugin>_<table>.csv")
-
-
-def plugin_sink_from_args(args: argparse.Namespace, ctx: RunContext,
-                          default: Sequence[str] = (),
-                          stream: TextIO | None = None) -> PluginSink:
-    """The host for `--plugin` (or `default` when none is given) with its `--opt`s; tables
-    go to --plugin-out and, as text, to `stream`."""
-    infos = resolve(args.plugin or list(default))
-    return PluginSink(infos, ctx, parse_options(args.opt, infos),
-                      out_dir=args.plugin_out, stream=stream)

@@ -1,5 +1,5 @@
 """The live terminal UI (`uffdtrace top`): panels exposed by plugins, drawn with Textual."""
 
-from uffdtrace.tui.app import SessionStatus, TopApp, run_top, save_snapshot
+from uffdtrace.tui.app import StatusLine, TopApp, save_snapshot
 
-__all__ = ["SessionStatus", "TopApp", "run_top", "save_snapshot"]
+__all__ = ["StatusLine", "TopApp", "save_snapshot"]

@@ -1,8 +1,8 @@
 """`uffdtrace top`: a Textual app drawing the panels that plugins expose.
 
 The UI thread never drains the ring buffer nor runs a plugin: the session drains in a worker
-thread (run_top), plugins work in the host's threads and publish panels after each tick, and
-the app only reads those snapshots on a timer.
+thread (`uffdtrace top` starts it), plugins work in the host's threads and publish panels after
+each tick, and the app only reads those panels and the session's status snapshots on a timer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import csv
 import re
 import signal
-import threading
 import time
 from collections.abc import Callable
 from itertools import pairwise
@@ -26,9 +25,8 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Footer, Input, Static
 
-from uffdtrace.events import BlockedFault
+from uffdtrace.events import BlockedFault, Status
 from uffdtrace.plugins import Histogram, Panel, Rates, Table, View
-from uffdtrace.session import Session
 from uffdtrace.sinks.plugins import PluginSink
 from uffdtrace.tui.render import format_count, render_view
 
@@ -274,32 +272,29 @@ def save_snapshot(panels: dict[str, Panel], out: Path) -> list[Path]:
     return paths
 
 
-class SessionStatus:
+class StatusLine:
     """The status line of a live session: backend, mode, faults, losses and the tracer's cost
-    (BPF run time and process CPU, as % of one CPU since the previous call)."""
+    (BPF run time and process CPU, as % of one CPU since the previous call), from snapshots."""
 
-    def __init__(self, session: Session, host: PluginSink) -> None:
-        self.session = session
-        self.host = host
-        self.last = (time.monotonic(), *session.backend.run_stats(), time.process_time())
+    def __init__(self, status: Callable[[], Status], skipped_rows: Callable[[], int]) -> None:
+        self.status = status
+        self.skipped_rows = skipped_rows
+        self.last = status()
 
     def __call__(self) -> str:
-        backend = self.session.backend
-        now, (run_ns, run_cnt), cpu = time.monotonic(), backend.run_stats(), time.process_time()
-        t0, ns0, _, cpu0 = self.last
-        self.last = (now, run_ns, run_cnt, cpu)
-        wall = max(now - t0, 1e-9)
-        lost = sum(backend.lost().values())
-        skipped = sum(self.host.skipped_rows.values())
-        blocked = self.session.blocked
+        now, last = self.status(), self.last
+        self.last = now
+        wall = max(now.at_s - last.at_s, 1e-9)
+        skipped = self.skipped_rows()
         return " · ".join(filter(None, [
-            f"{backend.name} backend", f"{self.session.mode} mode",
-            f"{format_count(self.session.stats.faults)} faults",
-            f"lost {lost}",
-            f"BPF {(run_ns - ns0) / 1e9 / wall:.1%} CPU ({run_cnt / 1e6:.1f}M runs)",
-            f"tracer {(cpu - cpu0) / wall:.0%} CPU",
+            f"{now.backend} backend", f"{now.mode} mode",
+            f"{format_count(now.faults)} faults",
+            f"lost {now.lost}",
+            f"BPF {(now.bpf_run_ns - last.bpf_run_ns) / 1e9 / wall:.1%} CPU "
+            f"({now.bpf_runs / 1e6:.1f}M runs)",
+            f"tracer {(now.cpu_s - last.cpu_s) / wall:.0%} CPU",
             f"plugins skipped {skipped} rows" if skipped else "",
-            blocked_now(blocked, time.monotonic_ns()) if blocked else "",
+            blocked_now(list(now.blocked), time.monotonic_ns()) if now.blocked else "",
         ]))
 
 
@@ -308,36 +303,3 @@ def blocked_now(blocked: list[BlockedFault], now_ns: int) -> str:
     oldest = blocked[0]
     return (f"{len(blocked)} blocked now, oldest {(now_ns - oldest.fault_ns) / 1e9:.1f} s "
             f"(pid {oldest.pid} tid {oldest.tid} @{oldest.addr:#x})")
-
-
-def run_top(session: Session, host: PluginSink, *, until: Callable[[], bool] = lambda: False,
-            hold: bool = False, interval_s: float = 0.5, snapshot_dir: Path = Path()) -> None:
-    """Show `host`'s panels while the started `session` runs in a worker thread, until the
-    user quits, a signal (INT, TERM, HUP) arrives or `until()` holds (e.g. the traced command
-    ended); with `hold`, the last screen stays up after `until()` until the user quits. The
-    session is then stopped, not closed: the caller closes it and prints the summary. `host`
-    must be one of the session's sinks, made with panels=True."""
-    failure: list[BaseException] = []
-
-    def run_session() -> None:
-        try:
-            session.run(until=until)
-        except BaseException as e:  # re-raised below, once the terminal is restored
-            failure.append(e)
-
-    worker = threading.Thread(target=run_session, name="uffdtrace-session", daemon=True)
-    session_status = SessionStatus(session, host)
-
-    def status() -> str:  # what ended comes first: the line is cut at the terminal's width
-        return session_status() if worker.is_alive() else f"ended, q quits · {session_status()}"
-
-    app = TopApp(host, status, interval_s=interval_s,
-                 done=lambda: not hold and not worker.is_alive(), snapshot_dir=snapshot_dir)
-    worker.start()
-    try:
-        app.run()
-    finally:
-        session.stop()
-        worker.join()
-    if failure:
-        raise failure[0]
