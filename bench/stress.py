@@ -58,7 +58,7 @@ import pandas as pd
 from bench.table import format_table
 from bench.tracer_bench import UFFDTRACE
 from uffdtrace.exerciser.compare import misattributed, unrecorded_ioctls
-from uffdtrace.exerciser.driver import ExerciseConfig, _plan
+from uffdtrace.exerciser.config import ExerciseConfig, touch_plan
 
 TARGET_FAULTS = 10_000_000
 KEEP_DIR = Path("/tmp/uffdtrace-stress")
@@ -298,7 +298,7 @@ def run_exercise(workdir: Path, mode: str, work: Exercise, seed: int) -> RunResu
 
 def touch_owner(work: Exercise, seed: int) -> np.ndarray:
     """The exerciser's plan: for each page, the index of the thread that first-touches it."""
-    plan = _plan(work.config(seed))
+    plan = touch_plan(work.config(seed))
     owner = np.full(work.pages, -1, dtype=np.int64)
     for thread in range(work.threads):
         lo, hi = plan.thread_start[thread], plan.thread_start[thread + 1]

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from uffdtrace.exerciser import hugepages
 from uffdtrace.exerciser.hugepages import nr_hugepages
+from uffdtrace.targets import alive
 
 HANDLER_PROCESS_NAME = "uffdx-hprocess"  # comm of the exerciser's handler process
 
@@ -43,7 +50,10 @@ def child_processes(pid: int | None = None) -> set[int]:
     pid = os.getpid() if pid is None else pid
     children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children.update(int(c) for c in (task / "children").read_text().split())
+        try:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except FileNotFoundError:  # the thread ended since the listing (the exerciser's own)
+            continue
     return children
 
 
@@ -114,3 +124,152 @@ def tracing_started(proc: subprocess.Popen) -> tuple[str, set[int]]:
     loaded = loaded_bpf_programs()
     assert held and {loaded[i] for i in held} <= OUR_PROGRAM_NAMES, (held, loaded)
     return err, held
+
+
+# --- What a run must leave as it found it (fault injection, issue #16) ----------------------
+
+BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+BPF_STATS_FD = "anon_inode:bpf-stats"  # an fd of BPF_ENABLE_STATS: the stats stay on while held
+
+
+def bpf_stats_holders(pids: Iterable[int] | None = None) -> set[int]:
+    """Processes (of `pids`, or all) holding a BPF_ENABLE_STATS fd: while one does, the sysctl
+    reads 1 whatever was written to it."""
+    found = set()
+    for pid in (pids if pids is not None else (int(p.name) for p in Path("/proc").glob("[0-9]*"))):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == BPF_STATS_FD for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                found.add(pid)
+    return found
+
+
+def hugepage_ledger() -> dict[int, int]:
+    """What the reservations in the ledger added, by the adding pid (hold the pool's lock for
+    a consistent view)."""
+    added: dict[int, int] = {}
+    for entry in hugepages.LEDGER.iterdir() if hugepages.LEDGER.is_dir() else ():
+        if m := hugepages.LEDGER_ENTRY.match(entry.name):
+            added[int(m[1])] = added.get(int(m[1]), 0) + int(m[3])
+    return added
+
+
+def hugepage_pool() -> tuple[int, dict[int, int]]:
+    """nr_hugepages and the ledger, read together under the pool's lock (so no run is between
+    noting and growing)."""
+    with hugepages._pool_lock():
+        return nr_hugepages(), hugepage_ledger()
+
+
+def hugepage_base() -> int:
+    """nr_hugepages net of what the reservations in the ledger added (live ones, and killed ones
+    not yet given back): the same before and after a run that gave back its own."""
+    nr, ledger = hugepage_pool()
+    return nr - sum(ledger.values())
+
+
+def net_objects() -> set[str]:
+    """Network namespaces (`ip netns list`) and veth links of the root namespace."""
+    names = {line.split()[0] for line in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.splitlines()
+        if line.strip()}
+    links = json.loads(subprocess.run(["ip", "-j", "link", "show", "type", "veth"],
+                                      capture_output=True, text=True, check=True).stdout or "[]")
+    return names | {link["ifname"].split("@")[0] for link in links}
+
+
+def creator(name: str) -> int | None:
+    """The pid in a name `uffdtrace migrate` gave its namespace or veth end."""
+    from uffdtrace.migration import link  # pyroute2: only where namespaces are looked at
+
+    m = link.NS_PATTERN.match(name) or link.VETH_PATTERN.match(name)
+    return int(m[1]) if m else None
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state not in "ZX":
+                members.add(int(stat.parent.name))
+    return members
+
+
+def wait_until(done: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05) -> object:
+    """done()'s first true value, polled until a generous `timeout_s`; fails naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := done()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
+        time.sleep(poll_s)
+    return value
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """What a run may change while it runs and must leave as it found it: BPF stats, the
+    hugepage pool, network namespaces and veth links. Other tests may run at the same time, so
+    changes that their live processes explain are not ours: hugepages are compared net of the
+    ledger (nr_hugepages minus what each live reservation added, under the pool's lock), a new
+    namespace or link must belong to a live `migrate` of someone else, and the stats sysctl may
+    differ only while another process holds (or held) a stats fd."""
+
+    bpf_stats: str
+    bpf_stats_holders: frozenset[int]
+    nr_hugepages: int
+    ledger: dict[int, int]
+    net: frozenset[str]
+
+    @classmethod
+    def now(cls) -> MachineState:
+        nr, ledger = hugepage_pool()
+        return cls(BPF_STATS_SYSCTL.read_text().strip(), frozenset(bpf_stats_holders()), nr,
+                   ledger, frozenset(net_objects()))
+
+    def check_restored(self, *, bpf_programs: Iterable[int] = (), pgids: Iterable[int] = (),
+                       pids: Iterable[int] = (), wait_s: float = 180.0) -> None:
+        """After a run: its process groups empty (waited for: a workload may run on after its
+        tracer died), then no BPF program it held, nothing of `pids` (the run's processes) in
+        the hugepage ledger or in network names, and the rest as before."""
+        for pgid in pgids:
+            wait_until(lambda pgid=pgid: not group_members(pgid), wait_s,
+                       f"processes of group {pgid} still alive: {group_members(pgid)}")
+        assert not still_loaded(set(bpf_programs)), "BPF programs of the run still loaded"
+
+        ours = set(pids) | set(pgids)
+        nr, ledger = hugepage_pool()
+        assert not ours & ledger.keys(), f"hugepages of the run not given back: {ledger}"
+        base = self.nr_hugepages - sum(self.ledger.values())
+        wait_until(lambda: hugepage_base() == base, 30,
+                   f"nr_hugepages {self.nr_hugepages} -> {nr} (ledger {self.ledger} -> {ledger})")
+
+        new = {n: creator(n) for n in net_objects() - self.net}
+        assert all(pid and pid not in ours and alive(pid) for pid in new.values()), \
+            f"network namespaces or links left: {sorted(new)}"
+
+        def stats_explained() -> bool:
+            stats = BPF_STATS_SYSCTL.read_text().strip()
+            if stats == self.bpf_stats:
+                return True
+            return bool((self.bpf_stats_holders if stats == "0" else bpf_stats_holders()) - ours)
+
+        wait_until(stats_explained, 30, f"bpf_stats_enabled was {self.bpf_stats}, and no other "
+                                        "holder of a stats fd explains the change")
+
+
+def whole_rows(text: str) -> pd.DataFrame:
+    """The CSV, once checked whole: it ends with a row's newline and every row has the header's
+    fields."""
+    assert text.endswith("\n"), text[-200:]
+    header, *rows = csv.reader(io.StringIO(text))
+    assert all(len(row) == len(header) for row in rows)
+    df = pd.read_csv(io.StringIO(text))
+    assert list(df.columns) == header and len(df) == len(rows)
+    return df
+
+
+def report_accepts(path: Path, *args: str) -> None:
+    """`uffdtrace report PATH ARGS` reads it and exits 0."""
+    out = subprocess.run([sys.executable, "-m", "uffdtrace", "report", str(path), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

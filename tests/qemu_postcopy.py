@@ -482,6 +482,13 @@ async def _wait_for(what: str, check: Callable[[], Any], timeout_s: float,
         await asyncio.sleep(interval_s)
 
 
+def _rounds(console: Path) -> int:
+    """Rounds of the guest's reader loop printed on this console so far."""
+    with suppress(OSError):
+        return console.read_text(errors="replace").count("uffdguest: round ")
+    return 0
+
+
 def _guest_ready(console: Path) -> bool:
     """Both loops have run: the reader READY_ROUNDS rounds, the writer one."""
     with suppress(OSError):
@@ -570,6 +577,11 @@ async def _migrate(qemu: str, guest: Guest, config: Config, result: Result) -> N
         result.dst_info = await dst.execute("query-migrate")
         result.src_info = await src.execute("query-migrate")
         result.clock_offsets_ns.append(realtime_minus_monotonic_ns())
+        # the guest runs on after the switch-over: its reader loop prints on the destination
+        dst_console = workdir / "dst.console"
+        await _wait_for(f"the guest to run on in the destination (in {dst_console})",
+                        lambda: _rounds(dst_console) >= 1, config.boot_timeout_s, alive)
+        t["guest_runs_on"] = time.monotonic()
 
         if recorder is not None:
             rc = await recorder.stop(config.record_stop_timeout_s)

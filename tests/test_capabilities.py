@@ -13,6 +13,7 @@ import pytest
 
 from uffdtrace.errors import UserError
 from uffdtrace.probes import capabilities as cap
+from uffdtrace.probes import checks
 from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
@@ -208,6 +209,6 @@ def test_attempt_captures_c_level_stderr(capfd: pytest.CaptureFixture[str]) -> N
         os.write(2, b"libbpf: something failed\n")
         raise Exception("load refused")
 
-    assert cap._attempt(noisy_failure) == (None, "load refused [libbpf: something failed]")
-    assert cap._attempt(lambda: 42) == (42, "")
+    assert checks.attempt(noisy_failure) == (None, "load refused [libbpf: something failed]")
+    assert checks.attempt(lambda: 42) == (42, "")
     assert capfd.readouterr().err == ""

@@ -71,7 +71,7 @@ def test_human_summary_and_help():
     assert helped.returncode == 0 and "examples:" in helped.stdout
     assert "--pid-file" in helped.stdout and "--misuse" in helped.stdout
     for option in ("--no-thread-id", "--continue-twice", "--reuse-fd", "{shmem,hugetlb,anon}",
-                   "UFFD_FEATURE_THREAD_ID", "EEXIST", "same fd number", "mode missing only"):
+                   "UFFD_FEATURE_THREAD_ID", "EEXIST", "same fd number", "kind missing only"):
         assert option in helped.stdout, option
 
 
@@ -155,15 +155,15 @@ def test_hugepages_of_a_sigkilled_run_are_given_back_by_the_next():
         (["--backing", "hugetlb", "--pages", "1000000"], "MiB is available"),
         (["--cpus", "4096"], "CPU 4096 is not available"),
         (["--cpus", "zero"], "--cpus takes CPU ids"),
-        (["--mode", "minor", "--misuse", "continue-on-missing"], "needs mode missing"),
+        (["--kind", "minor", "--misuse", "continue-on-missing"], "needs kind missing"),
         (["--misuse", "copy-everything"], "unknown misuse"),
         (["--write-fraction", "2"], "write fraction must be between 0 and 1"),
         (["--csv", "/nonexistent/dir/faults.csv"], "cannot write /nonexistent/dir/faults.csv"),
-        (["--backing", "anon", "--mode", "minor"], "backing anon supports mode missing only"),
-        (["--continue-twice", "--mode", "missing"], "needs mode minor and policy continue or copy"),
-        (["--continue-twice", "--policy", "batch"], "needs mode minor and policy continue or copy"),
+        (["--backing", "anon", "--kind", "minor"], "backing anon supports kind missing only"),
+        (["--continue-twice", "--kind", "missing"], "needs kind minor and policy continue or copy"),
+        (["--continue-twice", "--policy", "batch"], "needs kind minor and policy continue or copy"),
         (["--no-thread-id", "--pattern", "zipf", "--threads", "2"], "without thread ids"),
-        (["--backing", "hugetlb", "--mode", "missing", "--zeropage-fraction", "0.5"],
+        (["--backing", "hugetlb", "--kind", "missing", "--zeropage-fraction", "0.5"],
          "hugetlb has no UFFDIO_ZEROPAGE"),
     ],
 )
@@ -239,7 +239,7 @@ def test_anon_backing(tmp_path):
                     "0.25", "--write-fraction", "0.5", "--json", "--ops-csv", str(ops))
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
-    assert s["backing"] == "anon" and s["mode"] == "missing" and s["faults"] == 128
+    assert s["backing"] == "anon" and s["kind"] == "missing" and s["faults"] == 128
     assert s["mismatches"] == 0 and s["pages_verified"] == 128 and s["errors"] == 0
     o = pd.read_csv(ops)
     counts = o["op"].value_counts().to_dict()

@@ -44,18 +44,18 @@ def resolving_ops(res: ExerciseResult) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
-@pytest.mark.parametrize("mode", ["minor", "missing"])
-def test_each_page_faults_once_and_is_resolved(backing, mode):
+@pytest.mark.parametrize("kind", ["minor", "missing"])
+def test_each_page_faults_once_and_is_resolved(backing, kind):
     pages = PAGES[backing]
-    res = run(ExerciseConfig(backing=backing, mode=mode, pages=pages, write_fraction=0.5))
+    res = run(ExerciseConfig(backing=backing, kind=kind, pages=pages, write_fraction=0.5))
     assert_sound(res)
     f, t, ops = res.faults, res.touches, res.ops
 
     assert sorted(t["page"]) == sorted(f["page"]) == list(range(pages))
     assert res.summary["faults"] == pages and res.summary["errors"] == 0
     assert (f["addr"] == res.base + f["page"] * res.page_size).all()
-    assert ((f["flags"] & FLAG_MINOR) != 0).all() == (mode == "minor")
-    assert ((f["flags"] & FLAG_MINOR) == 0).all() == (mode == "missing")
+    assert ((f["flags"] & FLAG_MINOR) != 0).all() == (kind == "minor")
+    assert ((f["flags"] & FLAG_MINOR) == 0).all() == (kind == "missing")
     assert (f["write"] == ((f["flags"] & FLAG_WRITE) != 0)).all()
     assert 0 < f["write"].sum() < pages
     assert ((f["start_ns"] < f["msg_ns"]) & (f["msg_ns"] < f["end_ns"])).all()
@@ -65,7 +65,7 @@ def test_each_page_faults_once_and_is_resolved(backing, mode):
     assert res.pid == res.handler_pid == os.getpid()
 
     assert len(ops) == pages
-    assert set(ops["op"]) == {"continue" if mode == "minor" else "copy"}
+    assert set(ops["op"]) == {"continue" if kind == "minor" else "copy"}
     assert (ops["errno"] == 0).all() and (ops["mapped"] == res.page_size).all()
     # Each fault's ioctl starts after its message was read and before the touch ends.
     m = f.merge(ops, on="addr", suffixes=("", "_op"), validate="one_to_one")
@@ -166,7 +166,7 @@ def test_misuse_errno(backing, misuse):
     assert_sound(res)
     expected = EXPECTED_MISUSE_ERRNO[misuse, backing]
     assert res.summary["misuse_errno"] == expected
-    assert res.summary["mode"] == ("missing" if misuse == "continue-on-missing" else "minor")
+    assert res.summary["kind"] == ("missing" if misuse == "continue-on-missing" else "minor")
     wrong = res.ops[res.ops["role"] == "misuse"]
     right = resolving_ops(res)
     assert len(wrong) == len(right) == len(res.faults) == PAGES[backing] // 2
@@ -178,8 +178,8 @@ def test_misuse_errno(backing, misuse):
     assert res.summary["errors_by_errno"] == {errno.errorcode[expected]: len(wrong)}
 
 
-def test_missing_mode_zeropage_fraction():
-    res = run(ExerciseConfig(mode="missing", pages=256, zeropage_fraction=0.3))
+def test_missing_kind_zeropage_fraction():
+    res = run(ExerciseConfig(kind="missing", pages=256, zeropage_fraction=0.3))
     assert_sound(res)  # the verifier expects zeros exactly where ZEROPAGE was used
     counts = res.ops["op"].value_counts().to_dict()
     assert counts["zeropage"] > 0 and counts["copy"] > 0
@@ -199,10 +199,10 @@ def test_zipf_threads_share_a_hot_set():
     assert set(res.faults["page"]) == set(t["page"])
 
 
-@pytest.mark.parametrize(("backing", "mode"),
+@pytest.mark.parametrize(("backing", "kind"),
                          [("shmem", "minor"), ("hugetlb", "missing"), ("anon", "missing")])
-def test_verification_catches_a_corrupted_page(backing, mode):
-    res = run(ExerciseConfig(backing=backing, mode=mode, pages=PAGES[backing], corrupt_page=3))
+def test_verification_catches_a_corrupted_page(backing, kind):
+    res = run(ExerciseConfig(backing=backing, kind=kind, pages=PAGES[backing], corrupt_page=3))
     assert res.summary["pages_verified"] == PAGES[backing]
     assert res.summary["mismatches"] == 1
     assert res.summary["first_mismatch"] == 3
@@ -339,18 +339,18 @@ def test_hung_handler_thread_times_out():
         ({"pages": 0}, "pages must be an integer"),
         ({"pages": 4, "threads": 8}, "4 pages cannot be shared by 8 threads"),
         ({"write_fraction": 1.5}, "write fraction must be between 0 and 1"),
-        ({"mode": "minor", "misuse": "continue-on-missing"}, "needs mode missing"),
+        ({"kind": "minor", "misuse": "continue-on-missing"}, "needs kind missing"),
         ({"misuse": "copy-on-minor", "policy": "prefetch"}, "cannot run with policy prefetch"),
         ({"stale_fraction": 0.5}, "applies to policy copy only"),
         ({"cpus": [4096]}, "CPU 4096 is not available"),
         ({"pages": 1 << 30}, "beyond the memory available"),
         ({"backing": "hugetlb", "pages": 1 << 20}, "MiB is available"),
-        ({"backing": "anon", "mode": "minor"}, "backing anon supports mode missing only"),
-        ({"backing": "hugetlb", "mode": "missing", "zeropage_fraction": 0.5},
+        ({"backing": "anon", "kind": "minor"}, "backing anon supports kind missing only"),
+        ({"backing": "hugetlb", "kind": "missing", "zeropage_fraction": 0.5},
          "hugetlb has no UFFDIO_ZEROPAGE"),
-        ({"backing": "anon", "policy": "copy"}, "policy copy .* needs mode minor"),
-        ({"continue_twice": True, "mode": "missing"}, "continue twice .* needs mode minor"),
-        ({"continue_twice": True, "backing": "anon"}, "continue twice .* needs mode minor"),
+        ({"backing": "anon", "policy": "copy"}, "policy copy .* needs kind minor"),
+        ({"continue_twice": True, "kind": "missing"}, "continue twice .* needs kind minor"),
+        ({"continue_twice": True, "backing": "anon"}, "continue twice .* needs kind minor"),
         ({"continue_twice": True, "policy": "batch"}, "policy continue or copy"),
         ({"continue_twice": True, "policy": "prefetch"}, "policy continue or copy"),
         ({"thread_id": False, "pattern": "zipf", "threads": 2}, "without thread ids"),
@@ -498,7 +498,7 @@ def test_anon_missing_copy_and_zeropage(handler):
                              write_fraction=0.5, zeropage_fraction=0.3, pattern="random"))
     assert_sound(res)  # the verifier expects the COPY bytes, and zeros after ZEROPAGE
     f, ops = res.faults, res.ops
-    assert res.summary["mode"] == "missing" and res.summary["backing"] == "anon"
+    assert res.summary["kind"] == "missing" and res.summary["backing"] == "anon"
     assert res.page_size == os.sysconf("SC_PAGE_SIZE")
     assert sorted(f["page"]) == list(range(pages)) and ((f["flags"] & FLAG_MINOR) == 0).all()
     assert (f["write"] == ((f["flags"] & FLAG_WRITE) != 0)).all()

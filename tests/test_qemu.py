@@ -69,7 +69,8 @@ def test_qemu_postcopy(tmp_path, guest_dir, no_leaks, memory, mode):
     clocks, 0.5 ms); QEMU's per-vCPU blocktime not above our stall sums; the qemu plugin's
     per-vCPU blocktime in QEMU's definition within 2 % of QEMU's trace. Light mode: every
     message QEMU read has its row, backing and kind right, nothing lost, stall sums. Both: the
-    `vcpu` column; no QEMU left behind."""
+    guest runs on in the destination after the switch-over (run_postcopy waits for its loop's
+    output there), the `vcpu` column; no QEMU left behind."""
     result = run_postcopy(tmp_path / "run", Config(memory=memory, record_mode=mode),
                           guest_in(guest_dir))
     for pid in (result.src_pid, result.dst_pid):

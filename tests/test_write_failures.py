@@ -1,12 +1,12 @@
 """A failed write (issue #16): a full disk under `record -o`, a closed pipe on stdout
 (`record -- COMMAND | head -n 3`). The tracer stops tracing with one line naming the failure,
 detaches BPF, leaves a CSV that ends at its last complete row, still prints the summary, lets
-the traced command run to its end untraced, waits for it, and exits 1."""
+the traced command run to its end untraced, waits for it, and exits 1. Afterwards nothing of
+the run is left: no process of it, no BPF program it held, BPF stats, hugepages and network
+namespaces as before (conftest.MachineState, as in tests/test_fault_injection.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import shlex
@@ -15,10 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from tests.conftest import still_loaded, tracing_started
+from tests.conftest import MachineState, report_accepts, tracing_started, whole_rows
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 PAGES = 50_000  # ~12 MB of CSV, and a few seconds of faults
@@ -37,11 +36,13 @@ def small_fs(tmp_path) -> Iterator[Path]:
 
 
 def record(tmp: Path, *args: str) -> subprocess.Popen:
-    """`record ARGS -- exerciser`; the exerciser's own summary (ground truth) goes to tmp/gt.json."""
+    """`record ARGS -- exerciser`; the exerciser's own summary (ground truth) goes to tmp/gt.json.
+    The run is a process group of its own (the tracer's pid)."""
     exercise = shlex.join([*UFFDTRACE, "exercise", "--pages", str(PAGES), "--json"])
     return subprocess.Popen([*UFFDTRACE, "record", *args, "--", "sh", "-c",
                              f"{exercise} > {tmp / 'gt.json'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def check_stderr(err: str, failure: str) -> int:
@@ -53,29 +54,13 @@ def check_stderr(err: str, failure: str) -> int:
     return int(re.search(r"^(\d+) faults \(", err, re.M).group(1))
 
 
-def whole_rows(text: str) -> pd.DataFrame:
-    """The CSV, once checked whole: it ends with a row's newline and every row has the header's
-    fields."""
-    assert text.endswith("\n"), text[-200:]
-    header, *rows = csv.reader(io.StringIO(text))
-    assert all(len(row) == len(header) for row in rows)
-    df = pd.read_csv(io.StringIO(text))
-    assert list(df.columns) == header and len(df) == len(rows)
-    return df
-
-
-def report_accepts(path: Path) -> None:
-    out = subprocess.run([*UFFDTRACE, "report", str(path)], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-
-
 def ran_to_its_end(tmp: Path) -> None:
     """The traced command was neither killed nor cut short, and uffdtrace waited for it."""
     assert json.loads((tmp / "gt.json").read_text())["faults"] == PAGES
 
 
 def test_a_full_disk_stops_tracing_and_leaves_whole_rows(tmp_path, small_fs):
+    state = MachineState.now()
     out = small_fs / "f.csv"
     tracer = record(tmp_path, "-o", str(out))
     try:
@@ -93,11 +78,12 @@ def test_a_full_disk_stops_tracing_and_leaves_whole_rows(tmp_path, small_fs):
     assert 0 < len(rows) == faults < PAGES  # the summary counts the rows written
     report_accepts(out)
     ran_to_its_end(tmp_path)
-    assert not still_loaded(held)
+    state.check_restored(bpf_programs=held, pgids=[tracer.pid])
 
 
 def test_a_closed_pipe_stops_tracing(tmp_path):
     """As `uffdtrace record -- COMMAND | head -n 3`."""
+    state = MachineState.now()
     tracer = record(tmp_path)
     try:
         early, held = tracing_started(tracer)
@@ -115,4 +101,4 @@ def test_a_closed_pipe_stops_tracing(tmp_path):
     (tmp_path / "head.csv").write_text(head)
     report_accepts(tmp_path / "head.csv")
     ran_to_its_end(tmp_path)
-    assert not still_loaded(held)
+    state.check_restored(bpf_programs=held, pgids=[tracer.pid])

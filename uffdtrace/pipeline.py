@@ -25,7 +25,7 @@ from uffdtrace.events import (
     empty_faults,
     empty_ioctls,
 )
-from uffdtrace.probes.paths import BASE_PAGE, Paths, huge_page_size
+from uffdtrace.probes.paths import BASE_PAGE, PathClassifier, huge_page_size
 from uffdtrace.probes.records import (
     EV_FAULT,
     EV_IOCTL,
@@ -92,7 +92,7 @@ def _no_pending() -> pd.DataFrame:
 @dataclass
 class Assembler:
     mode: str
-    paths: Paths  # the backend's view of each fault's kernel path (uffdtrace.probes.paths)
+    paths: PathClassifier  # the backend's view of each fault's kernel path (uffdtrace.probes.paths)
     sees_ioctls: bool  # uffd ioctls are traced: resolver, errno and `mapped` can be known
     pending: pd.DataFrame = field(default_factory=_no_pending)
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
@@ -264,7 +264,8 @@ class Assembler:
     def _find_resolvers(self, df: pd.DataFrame) -> None:
         """no_wait faults: the first ioctl of the same address space that mapped the page and
         returned after the fault began (the one whose mapping the thread found)."""
-        rows = np.flatnonzero((df["outcome"] == "no_wait").to_numpy() & df["cont_enter_ns"].isna().to_numpy())
+        rows = np.flatnonzero((df["outcome"] == "no_wait").to_numpy() & df["cont_enter_ns"].isna().to_numpy()
+                              & df["fault_ns"].notna().to_numpy())
         ex = self._exits[self._exits["ok"]]
         if not len(rows) or ex.empty:
             return

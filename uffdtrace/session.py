@@ -25,9 +25,9 @@ import numpy as np
 
 from uffdtrace.events import BlockedFault, Status
 from uffdtrace.pipeline import Assembler, Batch
-from uffdtrace.probes.backends import resolve
+from uffdtrace.probes.backends import Backend, resolve
 from uffdtrace.probes.bpfstats import BpfStats
-from uffdtrace.probes.tracepoint import HANDLER, TracepointBackend, TraceScope
+from uffdtrace.probes.tracepoint import HANDLER, TraceScope
 from uffdtrace.sinks import IoctlSink, Sink
 from uffdtrace.summary import FaultStats
 from uffdtrace.targets import LaunchedCommand, uffd_holders, uffd_inodes, uffd_ranges
@@ -43,13 +43,13 @@ class Session:
     mode: str
     scope: TraceScope
     sinks: list[Sink]
-    backend_class: type[TracepointBackend] | None = None  # None: what `--backend auto` picks
+    backend_class: type[Backend] | None = None  # None: what `--backend auto` picks
     vcpus: dict[int, int] = field(default_factory=dict)  # tid -> QEMU vCPU index (from QMP)
     stats: FaultStats = field(default_factory=FaultStats)
     startup_s: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _bpf_stats: BpfStats = field(default_factory=BpfStats)
-    backend: TracepointBackend | None = None
+    backend: Backend | None = None
     blocked: list[BlockedFault] = field(default_factory=list)  # as of the last scan, oldest first
     on_stuck: Callable[[BlockedFault, float], None] | None = None  # once per fault blocked too long
     write_error: OSError | None = None  # the first failed write of a sink: tracing stopped there

@@ -3,6 +3,7 @@ started under the tracer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterable
@@ -84,8 +85,22 @@ def uffd_ranges(pid: int) -> list[dict]:
     return ranges
 
 
+def _default_signals() -> None:
+    """In the forked child, before it waits: SIGPIPE and SIGXFSZ back to their default, which
+    Python ignores and exec would keep (`yes | head` would complain of a broken pipe), as
+    subprocess's restore_signals does; and Python's own handlers (SIGINT's KeyboardInterrupt
+    would unwind uffdtrace's code in this copy of it) to what exec would make them."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_DFL)
+
+
 class LaunchedCommand:
-    """A command forked now but exec'd only after `release()`, so tracing sees its first fault."""
+    """A command forked now but exec'd only after `release()`, so tracing sees its first fault;
+    never, if uffdtrace dies before. It starts with the signal dispositions a shell would give
+    it, not Python's."""
 
     def __init__(self, argv: list[str]) -> None:
         if not argv:
@@ -94,10 +109,12 @@ class LaunchedCommand:
         err_read, err_write = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # child
+            _default_signals()
             os.close(self._go)
             os.close(err_read)
             os.set_inheritable(err_write, False)
-            os.read(read_fd, 1)
+            if os.read(read_fd, 1) != b"x":  # uffdtrace died before tracing began
+                os._exit(1)
             try:
                 os.execvp(argv[0], argv)
             except OSError as e:
@@ -109,8 +126,10 @@ class LaunchedCommand:
         self.returncode: int | None = None
 
     def release(self) -> None:
-        """Let the child exec; raise UserError if the exec failed."""
-        os.write(self._go, b"x")
+        """Let the child exec; raise UserError if the exec failed. A child killed while it
+        waited (a Ctrl-C reaches it too) has simply ended: poll() says how."""
+        with contextlib.suppress(BrokenPipeError):
+            os.write(self._go, b"x")
         os.close(self._go)
         msg = os.read(self._err, 512)
         os.close(self._err)

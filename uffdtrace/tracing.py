@@ -12,9 +12,9 @@ from pathlib import Path
 
 from uffdtrace.errors import UserError
 from uffdtrace.plugins import RunContext
-from uffdtrace.probes.backends import resolve
+from uffdtrace.probes.backends import Backend, resolve
 from uffdtrace.probes.capabilities import FIX_BCC
-from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
+from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session, stop_on_signals
 from uffdtrace.sinks import Sink
 from uffdtrace.summary import build_summary
@@ -26,7 +26,7 @@ class Plan:
     """What to trace and how, checked before anything starts."""
 
     mode: str
-    backend: type[TracepointBackend]  # resolved once, for the run and for what plugins are told
+    backend: type[Backend]  # resolved once, for the run and for what plugins are told
     pids: tuple[int, ...] = ()
     command: tuple[str, ...] = ()
     all: bool = False

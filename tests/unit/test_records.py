@@ -4,15 +4,13 @@ the decoder reads a ring laid out in a memfd as the kernel lays out a BPF ring b
 
 from __future__ import annotations
 
-import mmap
-import os
-import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.unit.fake_ring import BUSY, DISCARD, FakeRing
 from uffdtrace.probes import records
 from uffdtrace.probes.ringbuf import RingBufferReader
 
@@ -65,32 +63,6 @@ def test_parser_refuses_what_it_cannot_read():
         records.parse_structs("struct x { u32 a : 3; };")
     assert records.parse_constants("#define A 0x10 // c\nenum e { B = 2, C = 3 };") == {
         "A": 16, "B": 2, "C": 3}
-
-
-BUSY, DISCARD, HEADER = 1 << 31, 1 << 30, 8
-
-
-class FakeRing:
-    """A memfd laid out as BPF_MAP_TYPE_RINGBUF's mmap: consumer page, producer page, then the
-    data area twice (the kernel maps it twice, back to back)."""
-
-    def __init__(self, size: int, record_size: int) -> None:
-        self.page, self.size = mmap.PAGESIZE, size
-        self.stride = HEADER + ((record_size + 7) & ~7)
-        self.fd = os.memfd_create("ring")
-        os.ftruncate(self.fd, 2 * self.page + 2 * size)
-        self.prod = 0
-
-    def put(self, payload: bytes, hdr_flags: int = 0) -> None:
-        rec = struct.pack("<II", len(payload) | hdr_flags, 0) + payload.ljust(self.stride - HEADER, b"\0")
-        offset = self.prod % self.size
-        for copy in (0, self.size):  # both views of the data area
-            os.pwrite(self.fd, rec, 2 * self.page + copy + offset)
-        self.prod += self.stride
-        os.pwrite(self.fd, struct.pack("<Q", self.prod), self.page)
-
-    def consumer(self) -> int:
-        return struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
 
 
 def fault_bytes(tid: int) -> bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from uffdtrace.events import BlockedFault
-from uffdtrace.tui.app import blocked_now
+from uffdtrace.tui.status import blocked_now
 
 
 def test_blocked_now_names_the_oldest():

@@ -1,10 +1,10 @@
 """Run a userfaultfd fault workload whose every fault is known (ground truth for a tracer).
 
-One memfd (shmem, or hugetlb with 2 MiB pages) is mapped twice. In minor mode every page is
+One memfd (shmem, or hugetlb with 2 MiB pages) is mapped twice. For minor faults every page is
 populated through the plain mapping and the other mapping is registered with
 UFFDIO_REGISTER_MODE_MINOR; faulting threads then first-touch its pages and handler threads
-resolve each fault with UFFDIO_CONTINUE (or as the policy says). In missing mode faults are
-resolved with UFFDIO_COPY. Anon backing is one private anonymous mapping (missing mode only,
+resolve each fault with UFFDIO_CONTINUE (or as the policy says). Missing faults are
+resolved with UFFDIO_COPY. Anon backing is one private anonymous mapping (missing faults only,
 as QEMU's default guest RAM), filled by UFFDIO_COPY from a private buffer. Afterwards every
 page is read back and checked.
 """
@@ -24,11 +24,11 @@ from typing import IO, Any, NoReturn
 from uffdtrace.errors import UserError
 from uffdtrace.exerciser import ExerciseConfig
 from uffdtrace.exerciser import run as run_workload
-from uffdtrace.exerciser.driver import (
+from uffdtrace.exerciser.config import (
     BACKINGS,
     HANDLERS,
+    KINDS,
     MISUSES,
-    MODES,
     PATTERNS,
     POLICIES,
 )
@@ -47,7 +47,7 @@ examples:
                      --fetch-delay-us 100000
         a paced prefetcher maps pages in order while slow (100 ms) demand fetches race it:
         a race the handler lost shows as CONTINUE failing with EEXIST, then UFFDIO_WAKE
-  uffdtrace exercise --mode missing --misuse continue-on-missing   provoke and report errno
+  uffdtrace exercise --kind missing --misuse continue-on-missing   provoke and report errno
   uffdtrace exercise --backing anon --zeropage-fraction 0.2   private anonymous memory (as
                                                       QEMU's guest RAM): COPY, 20% ZEROPAGE
   uffdtrace exercise --continue-twice --no-thread-id  as the kernel's selftests: CONTINUE
@@ -82,8 +82,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
     g.add_argument("--backing", default="shmem", metavar="{" + ",".join(BACKINGS) + "}",
                    help="memory behind the faults (default shmem; anon: private anonymous "
-                        "memory, mode missing only)")
-    g.add_argument("--mode", metavar="{" + ",".join(MODES) + "}",
+                        "memory, kind missing only)")
+    g.add_argument("--kind", metavar="{" + ",".join(KINDS) + "}",
                    help="fault kind (default minor; missing on anon and for --misuse "
                         "continue-on-missing)")
     g.add_argument("--pages", type=int, default=1000, help="pages to fault (default 1000)")
@@ -101,7 +101,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stale-fraction", type=float, default=0.0, metavar="F",
                    help="policy copy: share of pages refreshed before CONTINUE")
     g.add_argument("--zeropage-fraction", type=float, default=0.0, metavar="F",
-                   help="mode missing on shmem or anon: share of pages resolved with ZEROPAGE")
+                   help="kind missing on shmem or anon: share of pages resolved with ZEROPAGE")
     g.add_argument("--fetch-delay-us", type=float, default=0.0, metavar="US",
                    help="demand handler waits US µs before resolving (a page fetch)")
     g.add_argument("--prefetch-interval-us", type=float, default=0.0, metavar="US",
@@ -112,7 +112,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                    help="do not request UFFD_FEATURE_THREAD_ID: messages carry ptid 0 (the "
                         "ground truth still knows each fault's thread, from its touches)")
     g.add_argument("--continue-twice", action="store_true",
-                   help="mode minor, policy continue or copy: after each resolving CONTINUE, "
+                   help="kind minor, policy continue or copy: after each resolving CONTINUE, "
                         "issue it again, as the kernel's selftests do; it fails with EEXIST "
                         "and wakes no one (role repeat in --ops-csv)")
     g.add_argument("--reuse-fd", action="store_true",
@@ -140,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> ExerciseConfig:
     """ExerciseConfig from the options of add_workload_arguments."""
     values = {
-        "backing": args.backing, "mode": args.mode, "pages": args.pages,
+        "backing": args.backing, "kind": args.kind, "pages": args.pages,
         "threads": args.threads, "handler_threads": args.handler_threads,
         "handler": args.handler, "pattern": args.pattern,
         "write_fraction": args.write_fraction, "policy": args.policy,
@@ -195,7 +195,7 @@ def format_summary(s: dict[str, Any]) -> str:
     size = f"{ps >> 20} MiB" if ps >= 1 << 20 else f"{ps >> 10} KiB"
     handler = f"{s['handler']} {s['handler_pid']}" if s["handler"] == "process" else "thread"
     lines = [
-        f"{s['backing']} {s['mode']} faults, policy {s['policy']}, {s['threads']} faulting + "
+        f"{s['backing']} {s['kind']} faults, policy {s['policy']}, {s['threads']} faulting + "
         f"{s['handler_threads']} handler thread(s) (handler {handler}), pid {s['pid']}, "
         f"{s['pattern']} over {s['pages']} pages of {size}"
         + (f", pinned to CPUs {','.join(map(str, s['cpus']))}" if s["cpus"] else ""),

@@ -145,6 +145,7 @@ def _next_chunk(path: Path, reader: pd.io.parsers.TextFileReader) -> pd.DataFram
     more fields than the first are a ParserError)."""
     with warnings.catch_warnings():  # around the read only: the caller's code runs between chunks
         warnings.simplefilter("error", pd.errors.ParserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's, casting '1e30' before the ValueError
         try:
             return next(reader)
         except StopIteration:
@@ -167,8 +168,10 @@ def _check_categories(path: Path, chunk: pd.DataFrame) -> None:
 
 
 def _some(names: list[str], most: int = 6) -> str:
-    """Up to `most` column names, each shortened: the header may be anything."""
-    shown = [n if len(n) <= 30 else n[:27] + "..." for n in names[:most]]
+    """Up to `most` column names, each shortened and with control characters escaped (a lone
+    \\r would overwrite the line on a terminal): the header may be anything."""
+    printable = ["".join(c if c.isprintable() else repr(c)[1:-1] for c in n) for n in names[:most]]
+    shown = [n if len(n) <= 30 else n[:27] + "..." for n in printable]
     return ", ".join(shown) + (f" (and {len(names) - most} more)" if len(names) > most else "")
 
 

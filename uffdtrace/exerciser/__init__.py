@@ -14,14 +14,10 @@ A fault's `tid` is always the faulting thread, taken from the exerciser's own to
 UFFD_FEATURE_THREAD_ID), where messages are matched to touches by page alone.
 """
 
-from uffdtrace.exerciser.driver import (
-    EXPECTED_MISUSE_ERRNO,
-    MISUSES,
-    ExerciseConfig,
-    ExerciseResult,
-    run,
-)
+from uffdtrace.exerciser.config import EXPECTED_MISUSE_ERRNO, MISUSES, ExerciseConfig
+from uffdtrace.exerciser.driver import run
 from uffdtrace.exerciser.hugepages import reserved_hugepages
+from uffdtrace.exerciser.tables import ExerciseResult
 
 __all__ = ["EXPECTED_MISUSE_ERRNO", "MISUSES", "ExerciseConfig", "ExerciseResult",
            "reserved_hugepages", "run"]

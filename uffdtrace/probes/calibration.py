@@ -86,15 +86,15 @@ def _provoke(backend, observe: Observer) -> dict[int, Learned]:
     backend.track(me)
     seen: dict[int, set[tuple[str, str]]] = {}
     try:
-        for backing, modes in KINDS_BY_BACKING.items():
-            for mode in modes:
-                cfg = ExerciseConfig(backing=backing, mode=mode, pages=2, cpus=[0])
+        for backing, kinds in KINDS_BY_BACKING.items():
+            for kind in kinds:
+                cfg = ExerciseConfig(backing=backing, kind=kind, pages=2, cpus=[0])
                 try:
                     res = run(cfg)
                 except UserError:
                     break  # e.g. no hugepages here: the other backing still teaches
                 for value in observe(me, res.faults["addr"].to_numpy()):
-                    seen.setdefault(value, set()).add((backing, mode))
+                    seen.setdefault(value, set()).add((backing, kind))
     finally:
         backend.untrack(me)
     learned = {value: Learned(_only({k for _, k in pairs}), _only({b for b, _ in pairs}))

@@ -73,9 +73,10 @@ def _btf_dump() -> str:
     if not VMLINUX_BTF.exists():
         raise UserError(f"{VMLINUX_BTF} is missing: the kernel was built without BTF")
     try:
+        # in its own session: a Ctrl-C meant for uffdtrace (which stops cleanly) is not its
         return subprocess.run(
             ["bpftool", "btf", "dump", "file", str(VMLINUX_BTF), "format", "raw"],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, start_new_session=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise UserError(f"cannot read kernel BTF with bpftool ({e}): apt-get install bpftool") from e

@@ -22,7 +22,7 @@ from uffdtrace.errors import UserError
 from uffdtrace.probes import hooks
 from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import btf_function_arity, kallsyms
-from uffdtrace.probes.paths import HookPaths, Paths
+from uffdtrace.probes.paths import HookClassifier, PathClassifier
 from uffdtrace.probes.records import F_UFFD
 from uffdtrace.probes.tracepoint import BPF_DIR, TracepointBackend
 
@@ -88,7 +88,7 @@ class KprobeBackend(TracepointBackend):
                 return False
         return True
 
-    def paths(self) -> Paths:
+    def paths(self) -> PathClassifier:
         """Kind from handle_userfault's reason: which value means minor is learned per boot."""
         gate = self._bpf["calibrating"]
         gate[ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())
@@ -98,7 +98,7 @@ class KprobeBackend(TracepointBackend):
         finally:
             gate[ctypes.c_int(0)] = ctypes.c_uint32(0)
         sees_every_backing = all(self.attached.get(h) for h in ("hugetlb-fault", "shmem-fault"))
-        return HookPaths(reasons, sees_every_backing)
+        return HookClassifier(reasons, sees_every_backing)
 
     def sees_ioctls(self) -> bool:
         if self.resolved()["ioctl"]:

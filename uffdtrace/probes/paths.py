@@ -1,10 +1,10 @@
 """Which kernel path a fault took: its backing (hugetlb / shmem / anon), page size and kind.
 
-Each backend sees the path differently, so each has a `Paths`: a callable from a batch of
-FAULT records to a DataFrame of those three columns, one row per record (None / <NA> where the
-path is unknown).
+Each backend sees the path differently, so each has a `PathClassifier`: a callable from a
+batch of fault records to a DataFrame of those three columns, one row per record (None / <NA>
+where the path is unknown).
 
-- Tracepoint backend (`RegionPaths`): the BPF side samples one stack per (process, 2 MiB
+- Tracepoint backend (`StackClassifier`): the BPF side samples one stack per (process, 2 MiB
   region, generation of the process's mappings) at the first sleep in handle_userfault there.
   The first caller frame is a return address inside the function that called handle_userfault
   (shmem_get_folio_gfp, hugetlb_fault's inlined no-page path, __handle_mm_fault with
@@ -15,7 +15,7 @@ path is unknown).
   memory's) get their backing from calibration too. Where one call site serves both kinds
   (hugetlb on Debian's 6.1), calibration sees it for both and the kind stays unknown. A
   write-protect fault is told by its error code: the page was present.
-- Kprobe backend (`HookPaths`): the fault's own hooks say it (hugetlb_fault or shmem's fault
+- Kprobe backend (`HookClassifier`): the fault's own hooks say it (hugetlb_fault or shmem's fault
   handler hit before handle_userfault, and handle_userfault's `reason`, calibrated).
 """
 
@@ -35,7 +35,7 @@ from uffdtrace.probes.records import F_HUGETLB, F_SHMEM, F_UFFD
 BASE_PAGE = 4096
 X86_PF_PROT = 1  # page fault error code: the page was present (a protection fault)
 
-Paths = Callable[[np.ndarray], pd.DataFrame]
+PathClassifier = Callable[[np.ndarray], pd.DataFrame]
 
 
 @functools.cache
@@ -48,7 +48,7 @@ def huge_page_size() -> int:
 
 
 def paths_frame(backing: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
-    """The Paths result from per-record object arrays of backing and kind (None: unknown)."""
+    """A classifier's result from per-record object arrays of backing and kind (None: unknown)."""
     known = pd.notna(backing)
     page = np.where(backing == "hugetlb", huge_page_size(), BASE_PAGE)
     return pd.DataFrame({
@@ -74,8 +74,8 @@ class PathInfo:
     kind: str | None
 
 
-class RegionPaths:
-    """Paths from the stack sampled per region, cached per region once the kernel has one."""
+class StackClassifier:
+    """Classifies by the stack sampled per region, cached per region once the kernel has one."""
 
     def __init__(self, region_frames: Callable[[int, int, int], tuple[int, ...] | None],
                  call_sites: dict[int, Learned]) -> None:
@@ -107,8 +107,8 @@ class RegionPaths:
         return paths_frame(backing[inverse], kind)
 
 
-class HookPaths:
-    """Paths from the fault's kernel-function hooks: backing from hugetlb_fault / shmem's fault
+class HookClassifier:
+    """Classifies by the fault's kernel-function hooks: backing from hugetlb_fault / shmem's fault
     handler, kind from handle_userfault's `reason` (value -> kind, calibrated)."""
 
     def __init__(self, reason_kinds: dict[int, str], sees_every_backing: bool) -> None:

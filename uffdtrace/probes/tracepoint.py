@@ -15,7 +15,7 @@ from uffdtrace.events import BlockedFault
 from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
-from uffdtrace.probes.paths import Paths, RegionPaths
+from uffdtrace.probes.paths import PathClassifier, StackClassifier
 from uffdtrace.probes.records import (
     EV_FAULT,
     F_ACTIVE,
@@ -117,9 +117,9 @@ class TracepointBackend:
     def attach(self) -> None:
         """Attach what BCC does not attach by itself (nothing: all are raw tracepoints)."""
 
-    def paths(self) -> Paths:
+    def paths(self) -> PathClassifier:
         """How this backend tells each fault's backing and kind (learning call sites once)."""
-        return RegionPaths(self.region_frames, calibrated("call_sites", self, self._call_sites_seen))
+        return StackClassifier(self.region_frames, calibrated("call_sites", self, self._call_sites_seen))
 
     def sees_ioctls(self) -> bool:
         return self.mode == "full"

@@ -8,12 +8,10 @@ each tick, and the app only reads those panels and the session's status snapshot
 from __future__ import annotations
 
 import asyncio
-import csv
 import re
 import signal
 import time
 from collections.abc import Callable
-from itertools import pairwise
 from pathlib import Path
 
 from rich.console import RenderableType
@@ -25,10 +23,10 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Footer, Input, Static
 
-from uffdtrace.events import BlockedFault, Status
 from uffdtrace.plugins import Histogram, Panel, Rates, Table, View
 from uffdtrace.sinks.plugins import PluginSink
-from uffdtrace.tui.render import format_count, render_view
+from uffdtrace.tui.render import render_view
+from uffdtrace.tui.snapshot import save_snapshot
 
 NARROW_COLUMNS = 3  # tables with at most this many columns stack in the right-hand column
 
@@ -248,58 +246,3 @@ class TopApp(App[None]):
             self.notify(f"cannot save the snapshot: {e}", severity="error")
             return
         self.notify(f"saved {len(paths)} CSV files in {out}", timeout=6)
-
-
-def save_snapshot(panels: dict[str, Panel], out: Path) -> list[Path]:
-    """One CSV per Histogram (lo, hi, count) and Table view: OUT/<plugin.panel>_<title>.csv."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for key, panel in panels.items():
-        for view in panel.views:
-            if isinstance(view, Histogram):
-                header = ("lo_" + view.unit, "hi_" + view.unit, "count")
-                rows = [(lo, hi, n) for (lo, hi), n in zip(pairwise(view.edges), view.counts, strict=True)]
-            elif isinstance(view, Table):
-                header, rows = view.columns, list(view.rows)
-            else:
-                continue
-            path = out / (re.sub(r"\W+", "_", f"{key}_{view.title}").strip("_") + ".csv")
-            with open(path, "w", newline="") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(header)
-                writer.writerows(rows)
-            paths.append(path)
-    return paths
-
-
-class StatusLine:
-    """The status line of a live session: backend, mode, faults, losses and the tracer's cost
-    (BPF run time and process CPU, as % of one CPU since the previous call), from snapshots."""
-
-    def __init__(self, status: Callable[[], Status], skipped_rows: Callable[[], int]) -> None:
-        self.status = status
-        self.skipped_rows = skipped_rows
-        self.last = status()
-
-    def __call__(self) -> str:
-        now, last = self.status(), self.last
-        self.last = now
-        wall = max(now.at_s - last.at_s, 1e-9)
-        skipped = self.skipped_rows()
-        return " · ".join(filter(None, [
-            f"{now.backend} backend", f"{now.mode} mode",
-            f"{format_count(now.faults)} faults",
-            f"lost {now.lost}",
-            f"BPF {(now.bpf_run_ns - last.bpf_run_ns) / 1e9 / wall:.1%} CPU "
-            f"({now.bpf_runs / 1e6:.1f}M runs)",
-            f"tracer {(now.cpu_s - last.cpu_s) / wall:.0%} CPU",
-            f"plugins skipped {skipped} rows" if skipped else "",
-            blocked_now(list(now.blocked), time.monotonic_ns()) if now.blocked else "",
-        ]))
-
-
-def blocked_now(blocked: list[BlockedFault], now_ns: int) -> str:
-    """'N blocked now, oldest S s (pid P tid T @ADDR)' (blocked: oldest first)."""
-    oldest = blocked[0]
-    return (f"{len(blocked)} blocked now, oldest {(now_ns - oldest.fault_ns) / 1e9:.1f} s "
-            f"(pid {oldest.pid} tid {oldest.tid} @{oldest.addr:#x})")
