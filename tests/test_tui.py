@@ -23,6 +23,7 @@ from rich.console import Console
 
 from uffdtrace.aggregate import log2_us_buckets
 from uffdtrace.commands.report import read_faults
+from uffdtrace.commands.top import PANEL_PLUGINS  # what `top` shows
 from uffdtrace.events import coerce_faults
 from uffdtrace.plugins import Panel, Plugin, PluginInfo, RunContext, Table, resolve
 from uffdtrace.probes.backends import resolve as resolve_backend
@@ -35,7 +36,6 @@ from uffdtrace.tui import StatusLine, TopApp
 from uffdtrace.tui.render import format_count, merged
 
 UFFDTRACE = Path(sys.executable).with_name("uffdtrace")
-PANEL_PLUGINS = ("latency", "timeline", "blocktime", "misuse", "qemu")
 BACKEND = resolve_backend("auto").name  # what `top` runs on this kernel by default
 
 
@@ -144,6 +144,29 @@ def test_replay_shows_what_plugins_computed(recording):
         assert "faults/s" in text_of(app, "timeline.rates")
 
     run_app(app, check)
+
+
+def test_a_vcpu_panel_appears_with_vcpus(synthetic, tmp_path):
+    """The same recording with its threads as QEMU's vCPUs 0 and 1: the qemu plugin's panel
+    shows each vCPU's faults and blocked time (in µs, both definitions)."""
+    faults = pd.concat(read_faults(synthetic))
+    faults["vcpu"] = (faults["tid"] - 101).astype("Int64")
+    faults["msg_ns"], faults["cont_exit_ns"] = faults["fault_ns"] + 100, faults["fault_ns"] + 2100
+    path = tmp_path / "vcpus.csv"
+    sink = CsvSink(str(path))
+    sink.write(faults)
+    sink.close()
+    app = replay_app(path)
+
+    expected = {(100, vcpu, len(rows), int(rows["stall_ns"].sum()) // 1000, 2 * len(rows))
+                for vcpu, rows in faults.groupby("vcpu")}  # QEMU's definition: 2 µs per fault
+
+    async def check(pilot):
+        assert set(app.boxes["qemu.vcpus"].panel.views[0].rows) == expected
+        text = text_of(app, "qemu.vcpus")
+        assert all(f"{row[3]}" in text and f"{row[4]}" in text for row in expected), text
+
+    run_app(app, check, size=(120, 40))
 
 
 def test_keys(synthetic, tmp_path):
