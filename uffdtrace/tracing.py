@@ -15,6 +15,7 @@ from uffdtrace.plugins import RunContext
 from uffdtrace.probes.backends import Backend, resolve
 from uffdtrace.probes.capabilities import FIX_BCC
 from uffdtrace.probes.tracepoint import TraceScope
+from uffdtrace.qmp import vcpu_threads
 from uffdtrace.session import Session, stop_on_signals
 from uffdtrace.sinks import Sink
 from uffdtrace.summary import build_summary
@@ -64,23 +65,14 @@ def plan(pids: list[int], command: list[str], all_: bool, mode: str, backend: st
         if not uffd_inodes(pid):
             print(f"uffdtrace: pid {pid} holds no userfaultfd now: its faults show once it opens one",
                   file=sys.stderr)
-    vcpus = {}
-    if qmp is not None:
-        from uffdtrace.qmp import vcpu_threads
-
-        vcpus = vcpu_threads(qmp)
+    vcpus = vcpu_threads(qmp) if qmp is not None else {}
     return Plan(mode, resolve(backend), tuple(pids), tuple(command), all_, vcpus)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
-    session: Session
     summary: dict
-    launched: LaunchedCommand | None
-
-    @property
-    def write_error(self) -> OSError | None:
-        return self.session.write_error
+    write_error: OSError | None  # the write that stopped tracing, if one did
 
 
 Drive = Callable[[Session, Callable[[], bool]], None]  # run the started session until the predicate
@@ -120,7 +112,7 @@ def trace(plan: Plan, sinks: list[Sink], drive: Drive, *,
         failed_write(session.write_error)
         if launched:
             launched.wait()  # a tracer must not break what it traces: it runs on, untraced
-    return Outcome(session, build_summary(session, info, plan.mode, launched), launched)
+    return Outcome(build_summary(session, info, plan.mode, launched), session.write_error)
 
 
 def failed_write(error: OSError) -> None:
