@@ -116,6 +116,17 @@ def read_stderr_until(proc: subprocess.Popen, text: str, timeout_s: float = 120.
     return "".join(lines)
 
 
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """`proc`, killed and waited for on the way out (nothing left to kill once it has ended):
+    a check that fails inside leaves no process behind."""
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def tracing_started(proc: subprocess.Popen) -> tuple[str, set[int]]:
     """Wait for `uffdtrace record` to say it traces; its stderr so far and its BPF programs,
     all of them ours."""

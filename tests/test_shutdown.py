@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import read_stderr_until, still_loaded, tracing_started
+from tests.conftest import read_stderr_until, reaped, still_loaded, tracing_started
 from uffdtrace.targets import alive
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
@@ -62,12 +62,9 @@ def test_the_command_ending_gives_plugins_two_seconds(tmp_path):
     t0 = time.monotonic()
     tracer = record(tmp_path, "--json", command=[
         "sh", "-c", f"{exercise} > {tmp_path / 'gt.json'}; date +%s.%N > {tmp_path / 'end'}"])
-    try:
+    with reaped(tracer):
         early, held = tracing_started(tracer)
         out, err = tracer.communicate(timeout=120)
-    finally:
-        tracer.kill()  # only if a check above failed
-        tracer.wait()
     after_end_s = time.time() - float((tmp_path / "end").read_text())
     took_s = time.monotonic() - t0
     err = early + err
@@ -104,14 +101,11 @@ def gone(pid: int, wait_s: float = 30.0) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_one_signal_gives_plugins_two_seconds(tmp_path, sig):
     tracer, early, held, exerciser = start_long_run(tmp_path)
-    try:
+    with reaped(tracer):
         tracer.send_signal(sig)
         t0 = time.monotonic()
         _, err = tracer.communicate(timeout=60)
         took_s = time.monotonic() - t0
-    finally:
-        tracer.kill()  # only if a check above failed
-        tracer.wait()
     err = early + err
     assert tracer.returncode == 1, err
     assert took_s < 10, err  # the command stopped, BPF detached, 2 s for the plugins
@@ -124,7 +118,7 @@ def test_one_signal_gives_plugins_two_seconds(tmp_path, sig):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_a_second_signal_exits_at_once(tmp_path, sig):
     tracer, early, held, exerciser = start_long_run(tmp_path)
-    try:
+    with reaped(tracer):
         tracer.send_signal(sig)
         assert gone(exerciser)  # the first signal was taken: the tracer stopped its command
         assert not still_loaded(held)  # BPF is detached first,
@@ -133,9 +127,6 @@ def test_a_second_signal_exits_at_once(tmp_path, sig):
         t0 = time.monotonic()
         _, err = tracer.communicate(timeout=60)
         took_s = time.monotonic() - t0
-    finally:
-        tracer.kill()  # only if a check above failed
-        tracer.wait()
     err = early + err
     assert tracer.returncode == 128 + sig, err
     assert took_s < 2, err  # at once: no waiting for the plugins

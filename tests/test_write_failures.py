@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MachineState, report_accepts, tracing_started, whole_rows
+from tests.conftest import MachineState, reaped, report_accepts, tracing_started, whole_rows
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 PAGES = 50_000  # ~12 MB of CSV, and a few seconds of faults
@@ -63,12 +63,9 @@ def test_a_full_disk_stops_tracing_and_leaves_whole_rows(tmp_path, small_fs):
     state = MachineState.now()
     out = small_fs / "f.csv"
     tracer = record(tmp_path, "-o", str(out))
-    try:
+    with reaped(tracer):
         early, held = tracing_started(tracer)
         stdout, err = tracer.communicate(timeout=180)
-    finally:
-        tracer.kill()  # only if a check above failed
-        tracer.wait()
     err = early + err
     assert tracer.returncode == 1, err
     faults = check_stderr(err, f"uffdtrace: writing {out} failed: No space left on device; "
@@ -85,15 +82,12 @@ def test_a_closed_pipe_stops_tracing(tmp_path):
     """As `uffdtrace record -- COMMAND | head -n 3`."""
     state = MachineState.now()
     tracer = record(tmp_path)
-    try:
+    with reaped(tracer):
         early, held = tracing_started(tracer)
         head = "".join(tracer.stdout.readline() for _ in range(3))
         tracer.stdout.close()
         tracer.stdout = None  # communicate() reads stderr only
         _, err = tracer.communicate(timeout=180)
-    finally:
-        tracer.kill()  # only if a check above failed
-        tracer.wait()
     err = early + err
     assert tracer.returncode == 1, err
     check_stderr(err, "uffdtrace: writing <stdout> failed: Broken pipe; stopped tracing")
