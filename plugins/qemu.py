@@ -52,7 +52,11 @@ class QemuPlugin(Plugin):
             return
         if self.keep:
             self._parts.append(df)
-        self._live = _sum_per_vcpu(pd.concat([self._live, _per_vcpu(df)], ignore_index=True))
+        counted = pd.DataFrame({  # one row per fault, in the columns of the sums kept
+            "pid": df["pid"], "vcpu": df["vcpu"], "tid": df["tid"], "faults": 1,
+            "requests": df["msg_ns"].notna().astype(np.int64), "stall_ns": df["stall_ns"],
+            "qemu_ns": (df["cont_exit_ns"] - df["msg_ns"]).astype("Float64")})
+        self._live = _sum_per_vcpu(pd.concat([self._live, counted], ignore_index=True))
 
     def panels(self) -> list[Panel]:
         if self._live.empty:
@@ -111,17 +115,8 @@ def _all_blocked(procs: pd.DataFrame, intervals: Intervals) -> list[int]:
     return out
 
 
-def _per_vcpu(df: pd.DataFrame) -> pd.DataFrame:
-    """One batch's sums per vCPU (live: overlapping faults of a vCPU are summed, not merged)."""
-    qemu = (df["cont_exit_ns"] - df["msg_ns"]).astype("Float64")
-    return (df.assign(qemu_ns=qemu, requests=df["msg_ns"].notna())
-            .groupby(["pid", "vcpu"])
-            .agg(tid=("tid", "last"), faults=("tid", "size"), requests=("requests", "sum"),
-                 stall_ns=("stall_ns", "sum"), qemu_ns=("qemu_ns", "sum"))
-            .reset_index())
-
-
 def _sum_per_vcpu(df: pd.DataFrame) -> pd.DataFrame:
+    """Sums per vCPU (live: overlapping faults of a vCPU are summed, not merged)."""
     return (df.groupby(["pid", "vcpu"])
             .agg(tid=("tid", "last"), faults=("faults", "sum"), requests=("requests", "sum"),
                  stall_ns=("stall_ns", "sum"), qemu_ns=("qemu_ns", "sum"))
