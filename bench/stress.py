@@ -21,12 +21,11 @@ against the workload's own ground truth:
   is neither resolved nor no_wait;
 - **lost_total**: records the tracer could not submit (its summary).
 
-Light mode cannot see a fault that never slept (README, "Known limits"): unpinned, a handler
-on the other CPU sometimes maps the page before the thread has to sleep. Light mode's `lost`
-includes those (full mode records them as `no_wait`); the target stays 0 everywhere.
+Light mode reads handlers' messages too, so a fault mapped before its thread slept is
+recorded (`no_wait`) in both modes; the target is 0 everywhere.
 
-Shown, not judged: `no_wait` rows (full mode: faults mapped before their thread slept) and
-`no_msg` (full mode: matched rows without msg_ns, though a handler read their message).
+Shown, not judged: `no_wait` rows (faults mapped before their thread slept) and `no_msg`
+(matched rows without msg_ns, though a handler read their message).
 
 A migration (`uffdtrace migrate`) writes no per-fault file, but each vCPU touches each page of
 its own contiguous share once, so the faulting thread of every page is known; with prefetch off
@@ -362,15 +361,16 @@ def check_exercise(rec: pd.DataFrame, gt: pd.DataFrame, ops: pd.DataFrame, truth
         "foreign": len(foreign), "explained": len(explained), "mislabeled": len(wrong_label),
         "no_wait": int((seen["outcome"] == "no_wait").sum()),
     }
+    no_msg = matched[matched["msg_ns"].isna()]  # both modes read messages
+    counts["no_msg"] = len(no_msg)
+    samples["no_msg"] = no_msg
     if mode == "full":
         wrong = attribution_errors(pd.concat([seen, extra]), ops)
         bad_errno = seen[seen["errno"].fillna(-1) != 0]
         # ioctls of other processes are not the workload's (foreign, see run_exercise)
         missing = unrecorded_ioctls(io[io["pid"].isin([truth["pid"], truth["handler_pid"]])], ops)
-        no_msg = matched[matched["msg_ns"].isna()]
-        counts.update(misattributed=len(wrong), errno=len(bad_errno), unrecorded=len(missing),
-                      no_msg=len(no_msg))
-        samples.update(misattributed=wrong, errno=bad_errno, unrecorded=missing, no_msg=no_msg)
+        counts.update(misattributed=len(wrong), errno=len(bad_errno), unrecorded=len(missing))
+        samples.update(misattributed=wrong, errno=bad_errno, unrecorded=missing)
     return counts, {k: v for k, v in samples.items() if len(v)}
 
 
@@ -565,7 +565,7 @@ def run_config(cfg: Config, workroot: Path | None = None, keep: Path = KEEP_DIR,
     row: dict[str, Any] = {"name": cfg.name, "mode": cfg.mode, "runs": cfg.runs,
                            **dict.fromkeys(COUNTS, 0), "wall_s": 0.0, "kept": [], "notes": []}
     if cfg.mode == "light":
-        for key in ("misattributed", "unrecorded", "errno", "no_msg"):
+        for key in ("misattributed", "unrecorded", "errno"):
             row[key] = None    # light mode has no ioctls: not checked
     if isinstance(cfg.work, Migration):
         row["no_msg"] = None   # a row without message is explained (prefetcher) or extra

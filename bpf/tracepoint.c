@@ -11,7 +11,9 @@
 //   UWAKE_START, UWAKE_END        [start, end) of userfaultfd_wake_function
 //   IRQENTRY_START, IRQENTRY_END  the interrupt entry stubs (__irqentry_text_start/_end)
 //   UIOCTL_START, UIOCTL_END      [start, end) of userfaultfd_ioctl (a uffd file's unlocked_ioctl)
-//   FULL_MODE                     also trace uffd ioctls and message reads (raw sys_enter/exit)
+//   FULL_MODE                     also trace uffd ioctls (raw sys_enter/exit); message reads are
+//                                 traced in both modes (raw sys_exit), except by the kprobe
+//                                 backends' light mode, whose hooks see handle_userfault itself
 //   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
 //   TRACE_ALL                     every process instead of the `tracked` set
 //   FOLLOW_CHILDREN               children of tracked processes become tracked
@@ -34,8 +36,8 @@
 // Without a return to user space seen, the record goes out once the fault has certainly
 // ended: at T's next fault, when T is switched out outside the fault, or at T's exit (user
 // space collects the rest at the end). A wakeup that lands before T switched out resumes it
-// at once (resume = wake). In FULL_MODE a fault whose message a handler read but that never
-// had to wait (mapped before T slept) is recorded too, without resume.
+// at once (resume = wake). A fault whose message a handler read but that was mapped before T
+// slept (no switch, no wakeup: only the read shows it) is recorded too, without resume.
 //
 // Flags of a thread's state are changed from several CPUs at once (T's own, its waker's, the
 // message reader's), so every change to them is an atomic OR / AND.
@@ -52,6 +54,13 @@
 #include "records.h"  // the records sent to user space, their flags and constants
 
 #define TASK_INTERRUPTIBLE 1
+
+// Handlers' reads of uffd messages. A fault mapped before its thread went to sleep fires no
+// scheduler event: the read is the only trace of it, so the tracepoint backend needs them in
+// both modes. The kprobe backends' handle_userfault hook sees such faults by itself.
+#if defined(FULL_MODE) || !defined(KPROBE_BACKEND)
+#define TRACE_READS
+#endif
 
 // Which in-flight faults are uffd faults, and get a record when they end.
 #ifdef KPROBE_BACKEND
@@ -99,7 +108,7 @@ BPF_TABLE("lru_hash", struct region_key, struct region_stack, regions, 65536);
 BPF_TABLE("lru_hash", u32, u32, mapping_gen, 65536);
 BPF_HISTOGRAM(stall_hist, int, 64);                     // log2 us buckets, QEMU-style
 BPF_HISTOGRAM(continue_hist, int, 64);
-BPF_HASH(uffd_events, u64, u64, 4096);                  // (tgid << 32 | event) -> count (FULL_MODE)
+BPF_HASH(uffd_events, u64, u64, 4096);                  // (tgid << 32 | event) -> count (TRACE_READS)
 
 static __always_inline void count_lost(int reason) {
     u64 *n = lost.lookup(&reason);
@@ -195,7 +204,7 @@ static __always_inline u64 uffd_of_fd(u32 fd) {
 
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning);
 
-#ifdef FULL_MODE
+#ifdef TRACE_READS
 // Fault messages that named no thread (handlers without UFFD_FEATURE_THREAD_ID), or none in
 // flight, held by (address space, address as the message gives it) until a fault of that page
 // ends and claims them: a message read after the fault began is that fault's.
@@ -458,10 +467,6 @@ static __always_inline struct ioctl_state *ioctl_in_flight(u32 tid) {
     return io && io->enter_ns ? io : NULL;
 }
 #endif
-#ifdef FULL_MODE
-struct read_state { u64 buf, ctx; };
-BPF_HASH(reads, u32, struct read_state, MAX_THREADS);  // tid -> read of a userfaultfd
-#endif
 
 // Who is waking a thread, from the current kernel stack: a uffd ioctl (CONTINUE, COPY, WAKE...
 // through userfaultfd_ioctl), the uffd's release (userfaultfd_wake_function without an ioctl:
@@ -649,9 +654,6 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
 #ifdef TRACK_IOCTLS
     ioctls.delete(&tid);
 #endif
-#ifdef FULL_MODE
-    reads.delete(&tid);
-#endif
     return 0;
 }
 
@@ -717,46 +719,30 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
 }
 #endif
 
-#ifdef FULL_MODE
 #define SYSCALL_READ 0
 #define SYSCALL_IOCTL 16
 #define MAX_MSGS 16
 
-// (struct pt_regs *regs, long id)
+// uffd ioctls from the syscall tracepoints, unless userfaultfd_ioctl's own hooks see them
+#if defined(FULL_MODE) && !defined(IOCTL_KPROBE)
+// (struct pt_regs *regs, long id): a uffd ioctl's entry (reads need only their exit)
 RAW_TRACEPOINT_PROBE(sys_enter) {
     u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    if (!is_tracked(tgid))
-        return 0;
-    long nr = ctx->args[1];
-    if (nr != SYSCALL_IOCTL && nr != SYSCALL_READ)
+    if (ctx->args[1] != SYSCALL_IOCTL || !is_tracked(id >> 32))
         return 0;
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    u32 tid = (u32)id;
     u64 dx_si_di[3] = {};  // the third, second and first arguments, adjacent in pt_regs
     bpf_probe_read_kernel(dx_si_di, sizeof(dx_si_di), &regs->dx);
-#ifdef IOCTL_KPROBE  // userfaultfd_ioctl's own hooks (bpf/kprobe.c) see uffd ioctls
-    if (nr == SYSCALL_IOCTL)
-        return 0;
-#endif
-    if (nr == SYSCALL_IOCTL && (((u32)dx_si_di[1] >> 8) & 0xff) != UFFDIO_TYPE)
+    if ((((u32)dx_si_di[1] >> 8) & 0xff) != UFFDIO_TYPE)
         return 0;
     u64 uffd = uffd_of_fd((u32)dx_si_di[2]);
-    if (!uffd)
-        return 0;
-    if (nr == SYSCALL_READ) {
-        struct read_state rs = {.buf = dx_si_di[1], .ctx = uffd};
-        struct read_state *slot = reads.lookup_or_try_init(&tid, &rs);
-        if (slot)
-            *slot = rs;  // reused in place
-        return 0;
-    }
-#ifndef IOCTL_KPROBE
-    enter_ioctl(tid, (u32)dx_si_di[1], dx_si_di[0], uffd);
-#endif
+    if (uffd)
+        enter_ioctl((u32)id, (u32)dx_si_di[1], dx_si_di[0], uffd);
     return 0;
 }
+#endif
 
+#ifdef TRACE_READS
 // Does a fault message's address name st's page? (masked to the base or huge page, or exact
 // with UFFD_FEATURE_EXACT_ADDRESS)
 static __always_inline bool msg_names(struct fault_state *st, u64 addr) {
@@ -790,21 +776,23 @@ static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 mm, u64 *m)
         loose_msgs.update(&key, &msg);  // a newer message of the same page replaces the held one
 }
 
+// The `ret / 32` messages a read of the uffd context `uffd` returned into buf.
 // Fully unrolled, without early exits: older verifiers (Linux 6.1) give up on the same code
 // as a loop ("sequence of jumps is too complex").
-static __always_inline void exit_read(u32 tgid, u32 tid, struct read_state *rs, long ret) {
+static __always_inline void exit_read(u32 tgid, u32 tid, u64 buf, u64 uffd, long ret) {
     u64 now = bpf_ktime_get_ns();
-    u64 mm = uffd_mm(rs->ctx);
-    int n = ret > 0 ? (u64)ret / 32 : 0;
+    u64 mm = uffd_mm(uffd);
+    int n = (u64)ret / 32;
 #pragma unroll
     for (int i = 0; i < MAX_MSGS; i++) {
         u64 m[4] = {};
-        if (i < n && !bpf_probe_read_user(m, sizeof(m), (void *)(rs->buf + 32 * i)))
+        if (i < n && !bpf_probe_read_user(m, sizeof(m), (void *)(buf + 32 * i)))
             take_msg(tgid, tid, now, mm, m);
     }
 }
 
-// (struct pt_regs *regs, long ret)
+// (struct pt_regs *regs, long ret): a uffd ioctl's return (FULL_MODE), or a read that returned
+// messages. The saved registers still hold the syscall's number and arguments.
 RAW_TRACEPOINT_PROBE(sys_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
@@ -812,18 +800,23 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         return 0;
     u32 tid = (u32)id;
     long ret = ctx->args[1];
-#ifndef IOCTL_KPROBE
+#if defined(FULL_MODE) && !defined(IOCTL_KPROBE)
     struct ioctl_state *io = ioctl_in_flight(tid);
     if (io) {
         exit_ioctl(tgid, tid, io, ret);
         return 0;
     }
 #endif
-    struct read_state *rs = reads.lookup(&tid);
-    if (rs && rs->ctx) {
-        exit_read(tgid, tid, rs, ret);
-        rs->ctx = 0;
-    }
+    if (ret < 32)
+        return 0;  // not a read that returned a message
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    u64 si_di_nr[3] = {};  // the second and first arguments and orig_ax, adjacent in pt_regs
+    bpf_probe_read_kernel(si_di_nr, sizeof(si_di_nr), &regs->si);
+    if (si_di_nr[2] != SYSCALL_READ)
+        return 0;
+    u64 uffd = uffd_of_fd((u32)si_di_nr[1]);
+    if (uffd)
+        exit_read(tgid, tid, si_di_nr[0], uffd, ret);
     return 0;
 }
 #endif

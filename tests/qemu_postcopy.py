@@ -955,7 +955,7 @@ def check_vcpu_column(rows: pd.DataFrame, check: Callable[[bool, str], None]) ->
 
 
 def compare_light(r: Result) -> tuple[dict[str, Any], list[str]]:
-    """(numbers, failures) of a light-mode recording (no messages or ioctls): every fault
+    """(numbers, failures) of a light-mode recording (no ioctls): every fault
     message QEMU's fault thread read has its fault row (thread, page); each row has the
     memory's backing, kind missing and its vCPU; nothing lost; each vCPU's stall sum is at
     least QEMU's postcopy-vcpu-blocktime (to within 3 % + 20 ms, as in full mode)."""

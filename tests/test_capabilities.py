@@ -16,6 +16,8 @@ from uffdtrace.probes import capabilities as cap
 from uffdtrace.probes import checks
 from uffdtrace.probes.tracepoint import TracepointBackend, TraceScope
 
+pytestmark = [pytest.mark.root, pytest.mark.hugepages]
+
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
@@ -114,17 +116,18 @@ def test_every_needed_tracepoint_is_attached(caps: cap.Capabilities) -> None:
 
 @pytest.mark.parametrize("mode", cap.MODES)
 def test_doctor_checks_what_the_backend_attaches(mode: str) -> None:
-    """doctor's list of tracepoints is the tracepoint backend's, mode by mode."""
+    """The tracepoints the backend says it attaches (doctor checks those) are the ones BCC
+    attached, mode by mode."""
     backend = TracepointBackend(mode, TraceScope())
     try:
         backend.start()
         attached = set(backend.raw_tracepoints())
     finally:
         backend.close()
-    listed = [*cap.LIGHT_TRACEPOINTS, *(cap.SYSCALL_TRACEPOINTS if mode == "full" else ())]
-    listed += [tp for tp in cap.OPTIONAL_TRACEPOINTS if Path(
-        "/sys/kernel/tracing/events", *tp.split(":")).exists()]
+    listed = [tp for tp in TracepointBackend.tracepoints(mode)
+              if Path("/sys/kernel/tracing/events", *tp.split(":")).exists()]
     assert attached == {tp.split(":")[1] for tp in listed}
+    assert set(listed) <= set(cap.TRACEPOINTS)  # doctor checks every one
 
 
 def test_symbols_match_kallsyms(caps: cap.Capabilities) -> None:
@@ -171,10 +174,15 @@ def test_auto_prefers_kprobes_where_they_work(caps: cap.Capabilities) -> None:
     assert cap.choose_backend("auto", no_symbol) == "tracepoint"
 
 
-def test_full_mode_needs_syscall_tracepoints(caps: cap.Capabilities) -> None:
-    light_only = edited(caps, {"raw_syscalls:sys_exit": False})
+def test_modes_need_their_syscall_tracepoints(caps: cap.Capabilities) -> None:
+    """Full mode's ioctls need sys_enter; the tracepoint backend reads messages at sys_exit in
+    both modes, while the kprobe backend's light mode needs no syscall tracepoint."""
+    light_only = edited(caps, {"raw_syscalls:sys_enter": False})
     assert cap.available_modes(light_only, "tracepoint") == ["light"]
     assert cap.choose_backend("auto", light_only) == "tracepoint"
+    no_exit = edited(caps, {"raw_syscalls:sys_exit": False, "kprobes": True})
+    assert cap.available_modes(no_exit, "tracepoint") == []
+    assert cap.available_modes(no_exit, "kprobe") == ["light"]
 
 
 def test_impossible_without_root_or_raw_tracepoints(caps: cap.Capabilities) -> None:

@@ -26,6 +26,8 @@ from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session
 from uffdtrace.targets import LaunchedCommand
 
+pytestmark = [pytest.mark.root]
+
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 
 
@@ -99,6 +101,7 @@ CASES = [
 
 @pytest.mark.parametrize("mode", ["full", "light"])
 @pytest.mark.parametrize(("backing", "threads", "handler", "policy"), CASES)
+@pytest.mark.hugepages
 def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy):
     pages = 3000 if backing == "shmem" else 1000
     args = ["--backing", backing, "--pages", str(pages), "--threads", str(threads),
@@ -146,6 +149,7 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
     # the tracer's, so p99 is measured by `make bench`, next to a witness of the host's share.
     check_per_fault(minor, gt, gt_summary)
     assert set(rec["handler_pid"].dropna()) <= {gt_summary["pid"], gt_summary["handler_pid"]}
+    assert minor["msg_ns"].notna().all(), "both modes read every message a handler read"
 
     if mode == "full":
         seen = {(i["ioctl"], i["errno"]): i["count"] for i in summary["ioctls"]}
@@ -160,7 +164,7 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
         assert (minor["errno"] == 0).all()
         assert minor.loc[waited, "continue_ns"].notna().all()
     else:
-        for col in ("resolver", "continue_ns", "handler_ns", "errno", "mapped", "msg_ns"):
+        for col in ("resolver", "continue_ns", "handler_ns", "errno", "mapped"):
             assert rec[col].isna().all(), col
 
 
@@ -177,6 +181,7 @@ def test_matches_ground_truth(tmp_path, mode, backing, threads, handler, policy)
         ("hugetlb", "zeropage-on-minor", 22),
     ],
 )
+@pytest.mark.hugepages
 def test_misuse_errnos_in_records(tmp_path, backing, misuse, expected_errno):
     """Each fault first gets the wrong ioctl (it fails with the seed's errno), then the right
     one: the fault rows carry the resolving ioctl's errno (0), the ioctl rows the failures."""
@@ -195,6 +200,7 @@ def test_misuse_errnos_in_records(tmp_path, backing, misuse, expected_errno):
 
 @pytest.mark.parametrize("mode", ["full", "light"])
 @pytest.mark.parametrize(("backing", "handler"), [("shmem", "thread"), ("hugetlb", "process")])
+@pytest.mark.hugepages
 def test_handlers_as_others_write_them(tmp_path, mode, backing, handler):
     """The kernel selftests' habits: no UFFD_FEATURE_THREAD_ID, every CONTINUE issued twice
     (the second fails with EEXIST and wakes no one), and at the end the uffd's fd number
@@ -211,24 +217,23 @@ def test_handlers_as_others_write_them(tmp_path, mode, backing, handler):
     assert summary["uffd_events"] == []
     # Paths are known from a stack sampled in handle_userfault; a thread woken before it slept
     # there leaves none, and with 2 MiB pages each fault is a region of its own (README: Known
-    # limits). Full mode has the kind from the message.
+    # limits). The kind comes from the message, which both modes read.
     unsampled = rec["block_ns"].isna() & rec["backing"].isna()
     assert (rec.loc[~unsampled, "backing"] == backing).all()
     assert backing == "hugetlb" or not unsampled.any()
-    kind = rec["kind"] if mode == "full" else rec.loc[~unsampled, "kind"]
-    assert (kind == "minor").all()
-    if mode == "light":
-        return
-    check_ioctl_records(tmp_path / "ioctls.csv", ops)
-    assert (ops["role"] == "repeat").sum() == len(gt)
-    check_resolvers(rec, ops)
-    assert (rec["errno"] == 0).all() and summary["errnos"] == {}
+    assert (rec["kind"] == "minor").all()
     # every message: read after the fault began and before the exerciser saw its read return
     joined = rec.merge(gt, on="tid", suffixes=("", "_gt"))
     joined = joined[joined["addr"] // gt_summary["page_size"] == joined["addr_gt"] // gt_summary["page_size"]]
     assert len(joined) == len(gt)
     assert ((joined["fault_ns"] <= joined["msg_ns"]) & (joined["msg_ns"] <= joined["msg_ns_gt"])).all()
     assert summary["messages_matched_by_address"] == len(gt) and summary["messages_unmatched"] == 0
+    if mode == "light":
+        return
+    check_ioctl_records(tmp_path / "ioctls.csv", ops)
+    assert (ops["role"] == "repeat").sum() == len(gt)
+    check_resolvers(rec, ops)
+    assert (rec["errno"] == 0).all() and summary["errnos"] == {}
 
 
 @pytest.mark.parametrize("mode", ["full", "light"])
@@ -381,7 +386,8 @@ def test_bad_input_says_what_is_wrong(tmp_path):
 @pytest.mark.parametrize("mode", ["light", "full"])
 def test_ebpf_prints_the_program_that_would_run(mode):
     """--ebpf: the compile flags, then the whole program (records.h in place of its #include),
-    and nothing is loaded: it compiles to exactly what `record` would run."""
+    and nothing is loaded: it compiles to exactly what `record` would run, and attaches what
+    the mode needs."""
     out = subprocess.run([*UFFDTRACE, "record", "--mode", mode, "--ebpf", "--", "true"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out.stderr
@@ -397,7 +403,8 @@ def test_ebpf_prints_the_program_that_would_run(mode):
         attached = {tp.decode() for tp in bpf.raw_tracepoint_fds}
     finally:
         bpf.cleanup()
-    assert ("sys_exit" in attached) == (mode == "full")
+    assert "sys_exit" in attached  # message reads, in both modes
+    assert ("sys_enter" in attached) == (mode == "full")  # uffd ioctls
 
 
 def test_a_pid_without_userfaultfd_gets_a_hint(tmp_path):

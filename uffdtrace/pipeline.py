@@ -91,7 +91,6 @@ def _no_pending() -> pd.DataFrame:
 
 @dataclass
 class Assembler:
-    mode: str
     paths: PathClassifier  # the backend's view of each fault's kernel path (uffdtrace.probes.paths)
     sees_ioctls: bool  # uffd ioctls are traced: resolver, errno and `mapped` can be known
     pending: pd.DataFrame = field(default_factory=_no_pending)
@@ -225,13 +224,10 @@ class Assembler:
         paths = self.paths(f)
         df["backing"] = paths["backing"].to_numpy()
         df["page_size"] = paths["page_size"].to_numpy()
-        if self.mode == "full":
-            has_msg = (f["flags"] & F_MSG) != 0
-            by_msg = np.where(has_msg, _kind_of_message(f["msg_flags"]), None)
-            kind = pd.Series(pd.array(by_msg, dtype="string"))
-            df["kind"] = kind.fillna(paths["kind"])
-        else:
-            df["kind"] = paths["kind"].to_numpy()
+        has_msg = (f["flags"] & F_MSG) != 0  # the message's flags tell the kind, where read
+        by_msg = np.where(has_msg, _kind_of_message(f["msg_flags"]), None)
+        kind = pd.Series(pd.array(by_msg, dtype="string"))
+        df["kind"] = kind.fillna(paths["kind"])
 
     def _release(self, df: pd.DataFrame, final: bool) -> pd.DataFrame:
         if df.empty:

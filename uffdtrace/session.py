@@ -66,7 +66,7 @@ class Session:
         self.backend = backend
         self._add_handlers()
         self.ranges_at_start = [r for pid in self.scope.pids for r in uffd_ranges(pid)]
-        self.assembler = Assembler(self.mode, self.backend.paths(), self.backend.sees_ioctls(),
+        self.assembler = Assembler(self.backend.paths(), self.backend.sees_ioctls(),
                                    vcpus=self.vcpus)
         self.startup_s = time.monotonic() - t0
 

@@ -66,7 +66,7 @@ def ioctl(t0: int, t1: int, tid: int = 21, nr: int = NR_CONTINUE, start: int = P
 
 
 def run(*batches: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    asm = Assembler("full", shmem_minor, sees_ioctls=True)
+    asm = Assembler(shmem_minor, sees_ioctls=True)
     out = [asm.feed(b) for b in batches] + [asm.finish()]
     faults = pd.concat([b.faults for b in out], ignore_index=True)
     ioctls = pd.concat([b.ioctls for b in out], ignore_index=True)
@@ -116,7 +116,7 @@ def test_a_fault_that_never_slept_is_given_the_ioctl_that_mapped_its_page():
 
 def test_a_no_wait_fault_waits_for_its_ioctl_then_gives_up():
     t = 1000 * MS
-    asm = Assembler("full", shmem_minor, sees_ioctls=True)
+    asm = Assembler(shmem_minor, sees_ioctls=True)
     assert asm.feed(records(fault(t, flags=F_MSG, msg_ns=t + 5_000))).faults.empty
     later = asm.feed(records(ioctl(t + 2_000 * MS, t + 2_000 * MS + 10, tid=30, start=0x1000)))
     (row,) = later.faults.itertuples()
@@ -141,7 +141,7 @@ def test_unresolved_faults_name_no_resolver():
 def test_batch_type():
     faults, ioctls = run(records())
     assert faults.empty and ioctls.empty
-    assert isinstance(Assembler("light", shmem_minor, sees_ioctls=False).finish(), Batch)
+    assert isinstance(Assembler(shmem_minor, sees_ioctls=False).finish(), Batch)
 
 
 def test_every_outcome_is_one_report_accepts():
@@ -155,7 +155,7 @@ def test_every_outcome_is_one_report_accepts():
 
 def test_vcpu_from_qemu_thread_names_or_qmp():
     t = 1000 * MS
-    asm = Assembler("full", shmem_minor, sees_ioctls=True, vcpus={13: 3})
+    asm = Assembler(shmem_minor, sees_ioctls=True, vcpus={13: 3})
     batch = asm.feed(records(woken(t, t + 10, tid=11, comm=b"CPU 1/TCG"),
                              woken(t, t + 10, tid=12, comm=b"CPU 0/KVM"),
                              woken(t, t + 10, tid=13, comm=b"qemu-system-x86"),

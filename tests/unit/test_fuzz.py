@@ -207,10 +207,9 @@ def fake_paths(f: np.ndarray) -> pd.DataFrame:
     return paths_frame(backing, kind)
 
 
-# How an Assembler is made: mode, classifier, ioctls seen, vCPUs (built in the test, fresh for
-# every run of an example).
+# How an Assembler is made: classifier, ioctls seen, vCPUs (built in the test, fresh for every
+# run of an example).
 assembler_args = st.tuples(
-    st.sampled_from(["full", "light"]),
     st.sampled_from([fake_paths, HookClassifier({5: "minor", 1: "missing"}, True),
                      HookClassifier({}, False)]),
     st.booleans(),
@@ -262,9 +261,9 @@ def test_the_decoder_and_assembler_survive_any_ring(size, start, rounds, args):
     assembler fed the same drains without them gives the same rows."""
     ring = FakeRing(size, RECORD.itemsize, start=start * (8 + ((RECORD.itemsize + 7) & ~7)))
     reader = RingBufferReader(ring.fd, size, RECORD)
-    asm = Assembler(*args[:3], vcpus=args[3])
+    asm = Assembler(*args[:2], vcpus=args[2])
     known = [records.EV_FAULT, records.EV_IOCTL]
-    twin = Assembler(*args[:3], vcpus=args[3]) if any(
+    twin = Assembler(*args[:2], vcpus=args[2]) if any(
         payload[0] not in known for puts, _ in rounds for _, payload in puts) else None
     unread: list[list] = []  # [position, header, payload] of the records not consumed yet
     got: list[Batch] = []
@@ -304,7 +303,7 @@ def test_the_decoder_and_assembler_survive_any_ring(size, start, rounds, args):
 @examples(40)
 @given(batches=st.lists(st.lists(unknown, max_size=10), max_size=4), args=assembler_args)
 def test_records_of_unknown_type_give_no_rows(batches, args):
-    asm = Assembler(*args[:3], vcpus=args[3])
+    asm = Assembler(*args[:2], vcpus=args[2])
     out = [asm.feed(np.frombuffer(b"".join(b), dtype=RECORD)) for b in batches]
     faults, ioctls = collect([*out, asm.finish()])
     assert faults.empty and ioctls.empty

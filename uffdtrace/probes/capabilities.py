@@ -21,26 +21,31 @@ from uffdtrace.probes.checks import (  # noqa: F401  (doctor and the tests read 
     FIX_BCC,
     FIX_ROOT,
     KERNEL_SYMBOLS,
-    LIGHT_TRACEPOINTS,
-    OPTIONAL_TRACEPOINTS,
     SECTIONS,
-    SYSCALL_TRACEPOINTS,
     TRACEPOINTS,
     Check,
     HugePages,
 )
+from uffdtrace.probes.kprobe import FentryBackend, KprobeBackend
+from uffdtrace.probes.tracepoint import OPTIONAL_TRACEPOINTS, TracepointBackend
 
-MODES = {"light": "tracepoints only", "full": "adds syscall tracepoints"}
-_LIGHT = ("root", "bcc", "bcc-compile", "raw-tracepoints", "ringbuf", "stack-traces",
-          *LIGHT_TRACEPOINTS)
-_FULL = (*_LIGHT, *SYSCALL_TRACEPOINTS)
+MODES = {"light": "scheduler tracepoints and handlers' message reads",
+         "full": "adds every uffd ioctl (raw sys_enter)"}
+_BPF = ("root", "bcc", "bcc-compile", "raw-tracepoints", "ringbuf", "stack-traces")
 _KPROBE = ("kprobes", "kallsyms", "handle_userfault")
 _FENTRY = ("fentry", "kallsyms", "handle_userfault")
+
+
+def _needs(backend: type[TracepointBackend], mode: str, *more: str) -> tuple[str, ...]:
+    """The checks a backend needs in a mode: BPF, the tracepoints it attaches, and `more`."""
+    return (*_BPF, *(tp for tp in backend.tracepoints(mode) if tp not in OPTIONAL_TRACEPOINTS), *more)
+
+
 # backend -> mode -> names of the checks it needs. A new backend adds its entry here.
 REQUIREMENTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "tracepoint": {"light": _LIGHT, "full": _FULL},
-    "kprobe": {"light": (*_LIGHT, *_KPROBE), "full": (*_FULL, *_KPROBE)},
-    "fentry": {"light": (*_LIGHT, *_FENTRY), "full": (*_FULL, *_FENTRY)},
+    "tracepoint": {m: _needs(TracepointBackend, m) for m in MODES},
+    "kprobe": {m: _needs(KprobeBackend, m, *_KPROBE) for m in MODES},
+    "fentry": {m: _needs(FentryBackend, m, *_FENTRY) for m in MODES},
 }
 # `auto` takes the first available; the last is the floor
 AUTO_ORDER = ("fentry", "kprobe", "tracepoint")

@@ -19,26 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from uffdtrace.errors import UserError
-from uffdtrace.probes import hooks
+from uffdtrace.probes import hooks, tracepoint
 from uffdtrace.probes.kernel import hidden_symbols
 
 T = TypeVar("T")
 
 SECTIONS = ("system", "bpf", "tracepoints", "symbols", "hooks", "userfaultfd")  # display order
 
-# What bpf/tracepoint.c attaches: in both modes, and in full mode only.
-LIGHT_TRACEPOINTS = (
-    "exceptions:page_fault_user",
-    "sched:sched_switch",
-    "sched:sched_waking",
-    "rseq:rseq_update",
-    "sched:sched_process_fork",
-    "sched:sched_process_exit",
-)
-# Attached where present (Linux 6.1+): without it, a region mapped anew keeps its first backing.
-OPTIONAL_TRACEPOINTS = ("maple_tree:ma_write",)
-SYSCALL_TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
-TRACEPOINTS = (*LIGHT_TRACEPOINTS, *OPTIONAL_TRACEPOINTS, *SYSCALL_TRACEPOINTS)
+TRACEPOINTS = tuple(tracepoint.TRACEPOINTS)  # every tracepoint any backend attaches, in any mode
 # Kernel functions of the userfaultfd paths (names vary across kernels: docs/design.md, 'Renamed
 # userfaultfd internals'): the kprobe backend's hook candidates, and a few more that explain a
 # kernel's userfaultfd.

@@ -100,6 +100,15 @@ class KprobeBackend(TracepointBackend):
         sees_every_backing = all(self.attached.get(h) for h in ("hugetlb-fault", "shmem-fault"))
         return HookClassifier(reasons, sees_every_backing)
 
+    @classmethod
+    def tracepoints(cls, mode: str) -> tuple[str, ...]:
+        """No syscall tracepoint in light mode: handle_userfault's hook sees every fault."""
+        tps = super().tracepoints(mode)
+        return tps if mode == "full" else tuple(tp for tp in tps if not tp.startswith("raw_syscalls:"))
+
+    def reads_messages(self) -> bool:
+        return self.mode == "full"  # handle_userfault's own hook sees every uffd fault
+
     def sees_ioctls(self) -> bool:
         if self.resolved()["ioctl"]:
             return self.attached.get("ioctl") is not None

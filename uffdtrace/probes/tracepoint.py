@@ -31,6 +31,22 @@ from uffdtrace.probes.records import (
 from uffdtrace.probes.ringbuf import RingBufferReader
 
 MODES = ("light", "full")
+# What bpf/tracepoint.c attaches, by mode: `doctor` checks these, and tests/test_capabilities.py
+# holds them against what BCC attached. Raw sys_exit sees handlers' message reads (both modes),
+# sys_enter and sys_exit the uffd ioctls (full).
+TRACEPOINTS: dict[str, tuple[str, ...]] = {
+    "exceptions:page_fault_user": MODES,
+    "sched:sched_switch": MODES,
+    "sched:sched_waking": MODES,
+    "rseq:rseq_update": MODES,
+    "sched:sched_process_fork": MODES,
+    "sched:sched_process_exit": MODES,
+    "maple_tree:ma_write": MODES,
+    "raw_syscalls:sys_enter": ("full",),
+    "raw_syscalls:sys_exit": MODES,
+}
+# Attached where present (Linux 6.1+): without it, a region mapped anew keeps its first backing.
+OPTIONAL_TRACEPOINTS = ("maple_tree:ma_write",)
 RINGBUF_BYTES = 128 << 20  # ~2 s of full-mode records at 200k faults/s, while the drain thread waits
 MAX_THREADS = 65536
 TARGET, HANDLER = 1, 2
@@ -124,6 +140,16 @@ class TracepointBackend:
     def sees_ioctls(self) -> bool:
         return self.mode == "full"
 
+    def reads_messages(self) -> bool:
+        """Handlers' reads of uffd messages are traced (TRACE_READS in bpf/tracepoint.c): in
+        both modes here, as a fault mapped before its thread slept shows nowhere else."""
+        return True
+
+    @classmethod
+    def tracepoints(cls, mode: str) -> tuple[str, ...]:
+        """The tracepoints (category:name) this backend attaches in `mode`, where they exist."""
+        return tuple(tp for tp, modes in TRACEPOINTS.items() if mode in modes)
+
     def raw_tracepoints(self) -> list[str]:
         """The raw tracepoints this backend's programs are attached to."""
         return sorted(tp.decode() for tp in self._bpf.raw_tracepoint_fds)
@@ -210,7 +236,7 @@ class TracepointBackend:
             del table[key]
 
     def uffd_event_counts(self) -> dict[tuple[int, int], int]:
-        if self.mode != "full":
+        if not self.reads_messages():
             return {}
         return {(k.value >> 32, k.value & 0xFFFFFFFF): v.value
                 for k, v in self._bpf["uffd_events"].items()}
@@ -219,7 +245,7 @@ class TracepointBackend:
         """Fault messages that named no thread in flight (handlers without
         UFFD_FEATURE_THREAD_ID): given to their fault by address space and page, and those
         still held, of no traced fault (an untraced thread's, or read after its fault ended)."""
-        if self.mode != "full":
+        if not self.reads_messages():
             return {"matched_by_address": 0, "unmatched": 0}
         held, claimed = (int(self._bpf["loose"][ctypes.c_int(i)].value) for i in (0, 1))
         return {"matched_by_address": claimed, "unmatched": held}
