@@ -1,5 +1,6 @@
 // The records uffdtrace's BPF programs send to user space through the `events` ring buffer,
-// with their flags: the one contract between bpf/*.c and Python. uffdtrace/probes/records.py
+// with their flags, and the in-kernel aggregates of --mode stats: the one contract between
+// bpf/*.c and Python. uffdtrace/probes/records.py
 // parses this file for its numpy dtypes and constants (plain #defines, enums and structs of
 // u8..u64 / s64 / char arrays only), and a unit test compiles it to check the layout.
 
@@ -28,13 +29,21 @@
 
 enum record_type { EV_FAULT = 1, EV_IOCTL = 2 };
 
+// Values of the `tracked` map (tgid -> role): why a process is traced.
+enum tracked_role {
+    ROLE_TARGET = 1,      // given by the user (or a child of a traced command)
+    ROLE_HANDLER = 2,     // it handles a traced process's faults
+    ROLE_DISCOVERED = 3,  // it set up a userfaultfd (DISCOVER_UFFDS); user space confirms it
+    ROLE_PENDING_HANDLER = 4  // it handles a discovered process's faults: confirmed with it
+};
+
 // fault_record.flags
 #define F_NOTIFIED 1       // T woke a task while in the fault (the uffd notify)
 #define F_BLOCKED 2        // T was switched out while in the fault
 #define F_WOKEN 4          // T was woken
 #define F_WOKEN_ON_CPU 8   // the wakeup came before T switched out
 #define F_EXITED 16        // T exited with the fault in flight
-#define F_MSG 32           // a handler read T's message (FULL_MODE)
+#define F_MSG 32           // a handler read T's message (message reads traced)
 #define F_SLEPT 64         // T slept interruptibly (handle_userfault's blocking state)
 #define F_OTHER_SLEEP 128  // T is asleep in the fault for another reason (e.g. I/O, a lock)
 #define F_RESUMED 256      // T ran again after the wakeup; resume_ns is its latest return
@@ -59,7 +68,9 @@ enum lost_reason {
     LOST_RINGBUF = 0,        // the ring buffer was full
     LOST_INFLIGHT_FULL = 1,  // no room for a thread's fault state
     LOST_IOCTL_FULL = 2,     // no room for a thread's ioctl state
-    LOST_REASONS = 3
+    LOST_STATS_FULL = 3,     // --mode stats: no room for a new aggregate (its fault or ioctl
+                             // is not counted)
+    LOST_REASONS = 4
 };
 
 // Both records begin with type, flags, pid and tid at the same offsets, and both take
@@ -118,3 +129,48 @@ union record {
     struct fault_record fault;
     struct ioctl_record ioctl;
 };
+
+// --mode stats: no record per fault; BPF keeps aggregates that user space reads (faults per
+// CPU; ioctls shared, added to atomically).
+#define STATS_BUCKETS 26   // log2 µs: bucket N holds [2^N, 2^(N+1)) µs (0 also < 1 µs; the last, more)
+
+// A fault's kind as far as BPF knows it: from its message's flags, or its error code (a write
+// to a present page is a write-protect fault). 0: user space tells it from the call site.
+enum stats_kind { KIND_UNKNOWN = 0, KIND_MISSING = 1, KIND_WP = 2, KIND_MINOR = 3 };
+
+// What faults are aggregated by: process (and thread, for the vcpu label), kernel path, kind.
+struct fault_stats_key {
+    u32 pid;
+    u32 tid;            // 0 unless threads are told apart (STATS_PER_THREAD)
+    u64 path[3];        // tracepoint backend: the callers of handle_userfault in the stack
+                        // sampled for the fault's region (0: none); kprobe backends:
+                        // handle_userfault's reason, 0, 0
+    u32 kind;           // stats_kind
+    u32 hooks;          // F_UFFD | F_HUGETLB | F_SHMEM of the fault (kprobe backends)
+};
+
+struct fault_stats {
+    u64 faults;
+    u64 stall_ns;                  // the stalls' sum: time blocked in faults
+    u32 stall[STATS_BUCKETS];      // fault -> return (or resume); u32 counters wrap: user space
+    u32 wake_to_run[STATS_BUCKETS];  // reads them far more often than 2^32 counts of a CPU
+    u32 notify[STATS_BUCKETS];     // block -> message read
+    u32 handler[STATS_BUCKETS];    // message read -> the waking ioctl's entry
+    char comm[16];
+};
+
+// uffd ioctls by process, command and errno (0: success).
+struct ioctl_stats_key {
+    u32 pid;
+    u32 nr;             // _IOC_NR of the command
+    u32 err;            // -ret of a failed ioctl, else 0
+    u32 unused;
+};
+
+struct ioctl_stats {
+    u64 calls;
+    u64 total_ns;
+    u32 latency[STATS_BUCKETS];
+    char comm[16];
+};
+

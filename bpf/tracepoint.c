@@ -15,6 +15,11 @@
 //                                 traced in both modes (raw sys_exit), except by the kprobe
 //                                 backends' light mode, whose hooks see handle_userfault itself
 //   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
+//   STATS_MODE                    --mode stats (with FULL_MODE): faults and ioctls are added
+//                                 to per-CPU aggregates (fault_stats, ioctl_stats), not sent
+//   STATS_PER_THREAD              ... one aggregate per thread (the vcpu label), not per process
+//   STATS_KEYS                    ... at most this many aggregates of each kind
+//   DISCOVER_UFFDS                a process that sets up a userfaultfd (UFFDIO_API) is traced
 //   TRACE_ALL                     every process instead of the `tracked` set
 //   FOLLOW_CHILDREN               children of tracked processes become tracked
 //   RINGBUF_PAGES, MAX_THREADS    sizes
@@ -100,7 +105,7 @@ struct region_stack { u64 frames[6]; };  // callers of handle_userfault, innermo
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, LOST_REASONS);
-BPF_HASH(tracked, u32, u8, 4096);                       // tgid -> 1 target, 2 handler
+BPF_HASH(tracked, u32, u8, 65536);                      // tgid -> ROLE_*
 BPF_HASH(inflight, u32, struct fault_state, MAX_THREADS);
 BPF_TABLE("lru_hash", struct region_key, struct region_stack, regions, 65536);
 // tgid -> generation of its mappings: bumped when they change, so that a region mapped anew
@@ -109,6 +114,20 @@ BPF_TABLE("lru_hash", u32, u32, mapping_gen, 65536);
 BPF_HISTOGRAM(stall_hist, int, 64);                     // log2 us buckets, QEMU-style
 BPF_HISTOGRAM(continue_hist, int, 64);
 BPF_HASH(uffd_events, u64, u64, 4096);                  // (tgid << 32 | event) -> count (TRACE_READS)
+#ifdef STATS_MODE
+// Preallocated, so an insert never fails for want of memory while short-lived processes come
+// and go faster than the allocator refills. Faults: per CPU (keys x CPUs x 448 bytes), as a
+// process's threads fault on every CPU at once. Ioctls come from a few handler threads: one
+// shared value each, added to atomically, and four times the keys (a short-lived process
+// leaves a REGISTER, a resolving ioctl, maybe an error).
+BPF_TABLE("percpu_hash", struct fault_stats_key, struct fault_stats, fault_stats, STATS_KEYS);
+BPF_HASH(ioctl_stats, struct ioctl_stats_key, struct ioctl_stats, STATS_KEYS * 4);
+BPF_PERCPU_ARRAY(blank_stats, struct fault_stats, 1);  // zeroes to insert (too big for the stack)
+#endif
+#ifdef DISCOVER_UFFDS
+struct comm { char comm[16]; };
+BPF_HASH(discovered_comms, u32, struct comm, 65536);  // tgid -> its name when discovered
+#endif
 
 static __always_inline void count_lost(int reason) {
     u64 *n = lost.lookup(&reason);
@@ -143,11 +162,28 @@ static __always_inline bool is_tracked(u32 tgid) {
 #endif
 }
 
+#ifdef DISCOVER_UFFDS
+// A handler that joined through a discovered process not confirmed yet -> that process: user
+// space confirms or refuses it with that process.
+BPF_HASH(handler_of, u32, u32, 65536);
+#endif
+
 #ifndef TRACE_ALL
-// A process handling a traced fault becomes traced. (lookup_or_try_init looks up first: an
-// insert takes the bucket lock even when the key is there.)
-static __always_inline void track_handler(u32 tgid) {
-    u8 handler = 2;
+// A process handling a fault of process `of` becomes traced. (lookup_or_try_init looks up
+// first: an insert takes the bucket lock even when the key is there.)
+static __always_inline void track_handler(u32 tgid, u32 of) {
+    u8 *role = tracked.lookup(&of);
+    if (!role)
+        return;  // `of` is not traced (any more): a fault still in flight when it was let go
+#ifdef DISCOVER_UFFDS
+    if (*role == ROLE_DISCOVERED) {
+        u8 pending = ROLE_PENDING_HANDLER;
+        if (!tracked.lookup(&tgid) && !tracked.insert(&tgid, &pending))
+            handler_of.update(&tgid, &of);
+        return;
+    }
+#endif
+    u8 handler = ROLE_HANDLER;
     tracked.lookup_or_try_init(&tgid, &handler);
 }
 #endif
@@ -358,7 +394,77 @@ static __always_inline void end_stall(struct fault_state *st, bool returning) {
 
 // The FAULT record of st. (One NULL check of the record only: Linux 6.1's verifier cannot
 // tell that a reserved record checked once is not NULL, and then sees it leak.)
+#ifdef STATS_MODE
+static __always_inline int stats_slot(u64 ns) {
+    int slot = log2_us_slot(ns);
+    return slot < STATS_BUCKETS ? slot : STATS_BUCKETS - 1;
+}
+
+// What st's fault is aggregated by (struct fault_stats_key in records.h).
+static __always_inline void fault_stats_key(struct fault_state *st, u32 pid, u32 tid,
+                                            struct fault_stats_key *key) {
+    key->pid = pid;
+#ifdef STATS_PER_THREAD
+    key->tid = tid;
+#endif
+#ifdef KPROBE_BACKEND
+    key->path[0] = st->reason;
+    key->hooks = st->flags & (F_UFFD | F_HUGETLB | F_SHMEM);
+#else
+    struct region_key region = {.tgid = st->tgid, .gen = st->gen, .region = st->addr >> 21};
+    struct region_stack *rs = regions.lookup(&region);
+    if (rs) {
+        key->path[0] = rs->frames[0];
+        key->path[1] = rs->frames[1];
+        key->path[2] = rs->frames[2];
+    }
+#endif
+    if (st->flags & F_MSG)
+        key->kind = st->msg_flags & UFFD_PAGEFAULT_FLAG_MINOR ? KIND_MINOR
+                  : st->msg_flags & UFFD_PAGEFAULT_FLAG_WP    ? KIND_WP
+                                                              : KIND_MISSING;
+    else if (st->error_code & 1)  // the page was present: a write-protect fault
+        key->kind = KIND_WP;
+}
+
+// st's fault into its aggregate, with the durations pipeline.derive_durations gives a row.
+static __always_inline void add_fault_stats(struct fault_state *st, u32 pid, u32 tid) {
+    struct fault_stats_key key = {};
+    fault_stats_key(st, pid, tid, &key);
+    struct fault_stats *v = fault_stats.lookup(&key);
+    if (!v) {
+        int zero = 0;
+        struct fault_stats *blank = blank_stats.lookup(&zero);
+        if (blank)
+            fault_stats.insert(&key, blank);  // no-op if another CPU just inserted it
+        v = fault_stats.lookup(&key);
+        if (!v) {
+            count_lost(LOST_STATS_FULL);
+            return;
+        }
+        bpf_probe_read_kernel(v->comm, sizeof(v->comm), st->comm);
+    }
+    v->faults++;  // this CPU's value: no other CPU writes it
+    u64 end = st->return_ns ? st->return_ns : st->resume_ns;
+    if (end) {
+        v->stall_ns += end - st->fault_ns;
+        v->stall[stats_slot(end - st->fault_ns)]++;
+    }
+    if (st->resume_ns && st->wake_ns)
+        v->wake_to_run[stats_slot(st->resume_ns - st->wake_ns)]++;
+    if (st->msg_ns && st->block_ns && st->msg_ns >= st->block_ns)
+        v->notify[stats_slot(st->msg_ns - st->block_ns)]++;
+    if (st->ioctl_enter_ns && st->msg_ns && st->ioctl_enter_ns >= st->msg_ns)
+        v->handler[stats_slot(st->ioctl_enter_ns - st->msg_ns)]++;
+}
+#endif
+
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning) {
+#ifdef STATS_MODE
+    end_stall(st, returning);
+    add_fault_stats(st, pid, tid);
+    return;
+#endif
     union record *r = new_record(pid, tid);
     if (!r) {
         end_stall(st, returning);
@@ -421,7 +527,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
                 // is this uffd's handler. Trace its process from now on (its read and
                 // ioctl of this very fault included), wherever it lives.
                 if ((st->flags & F_NOTIFIED) && st->notify_tgid)
-                    track_handler(st->notify_tgid);
+                    track_handler(st->notify_tgid, st->tgid);
 #endif
                 if (!st->block_ns)
                     st->block_ns = bpf_ktime_get_ns();
@@ -574,7 +680,7 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 #endif
 #ifndef TRACE_ALL
     if (!(woken_by & F_SIGNALLED))
-        track_handler(id >> 32);  // the resolver's process (it may live elsewhere) joins the traced set
+        track_handler(id >> 32, st->tgid);  // the resolver's process (it may live elsewhere) joins
 #endif
     if (!(st->flags & F_BLOCKED)) {
         // Resolved before T ever left the CPU: it runs on from here.
@@ -620,13 +726,25 @@ RAW_TRACEPOINT_PROBE(ma_write) {
 // (struct task_struct *parent, struct task_struct *child). Threads share the tgid, so only new
 // processes need adding.
 RAW_TRACEPOINT_PROBE(sched_process_fork) {
+#ifdef DISCOVER_UFFDS
+    // A child of a traced process may handle its faults (it holds the userfaultfds the parent
+    // had): traced from its first instant, and confirmed or refused with its parent.
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    if (!is_tracked(parent))
+        return 0;
+    struct task_struct *forked = (struct task_struct *)ctx->args[1];
+    u32 forked_tgid = task_field(forked, TASK_TGID_OFF);
+    u8 pending = ROLE_PENDING_HANDLER;
+    if (forked_tgid != parent && !tracked.insert(&forked_tgid, &pending))
+        handler_of.update(&forked_tgid, &parent);
+#endif
 #if defined(FOLLOW_CHILDREN) && !defined(TRACE_ALL)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!is_tracked(tgid))
         return 0;
     struct task_struct *child = (struct task_struct *)ctx->args[1];
     u32 child_tgid = task_field(child, TASK_TGID_OFF);
-    u8 target = 1;
+    u8 target = ROLE_TARGET;
     tracked.insert(&child_tgid, &target);
 #endif
     return 0;
@@ -696,6 +814,24 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     if (nr == UFFDIO_NR_CONTINUE)
         continue_hist.increment(log2_us_slot(now - enter_ns));
     io->enter_ns = 0;  // no ioctl in flight any more
+#ifdef STATS_MODE
+    struct ioctl_stats_key key = {.pid = tgid, .nr = nr, .err = ret < 0 ? -ret : 0};
+    struct ioctl_stats *v = ioctl_stats.lookup(&key);
+    if (!v) {
+        struct ioctl_stats blank = {};
+        bpf_get_current_comm(&blank.comm, sizeof(blank.comm));
+        ioctl_stats.insert(&key, &blank);
+        v = ioctl_stats.lookup(&key);
+        if (!v) {
+            count_lost(LOST_STATS_FULL);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&v->calls, 1);  // shared by every CPU
+    __sync_fetch_and_add(&v->total_ns, now - enter_ns);
+    __sync_fetch_and_add(&v->latency[stats_slot(now - enter_ns)], 1);
+    return;
+#endif
     union record *r = new_record(tgid, tid);
     if (!r)
         return;
@@ -728,13 +864,33 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
 // (struct pt_regs *regs, long id): a uffd ioctl's entry (reads need only their exit)
 RAW_TRACEPOINT_PROBE(sys_enter) {
     u64 id = bpf_get_current_pid_tgid();
-    if (ctx->args[1] != SYSCALL_IOCTL || !is_tracked(id >> 32))
+    if (ctx->args[1] != SYSCALL_IOCTL)
         return 0;
+    bool tracked_now = is_tracked(id >> 32);
+#ifndef DISCOVER_UFFDS
+    if (!tracked_now)
+        return 0;
+#endif
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     u64 dx_si_di[3] = {};  // the third, second and first arguments, adjacent in pt_regs
     bpf_probe_read_kernel(dx_si_di, sizeof(dx_si_di), &regs->dx);
     if ((((u32)dx_si_di[1] >> 8) & 0xff) != UFFDIO_TYPE)
         return 0;
+#ifdef DISCOVER_UFFDS
+    if (!tracked_now) {
+        // UFFDIO_API, the first ioctl of every userfaultfd (from userfaultfd(2) or
+        // /dev/userfaultfd): its process is traced from now on; user space confirms it.
+        if ((dx_si_di[1] & 0xff) == UFFDIO_NR_API) {
+            u32 tgid = id >> 32;
+            u8 discovered = ROLE_DISCOVERED;
+            struct comm name = {};
+            bpf_get_current_comm(&name.comm, sizeof(name.comm));
+            discovered_comms.update(&tgid, &name);  // in case it is gone before user space looks
+            tracked.insert(&tgid, &discovered);
+        }
+        return 0;
+    }
+#endif
     u64 uffd = uffd_of_fd((u32)dx_si_di[2]);
     if (uffd)
         enter_ioctl((u32)id, (u32)dx_si_di[1], dx_si_di[0], uffd);

@@ -6,6 +6,8 @@ Tables:
 
 Bucket N counts values in [2^N, 2^(N+1)) us, like QEMU's postcopy-latency-dist; values under
 1 us fall in bucket 0. Percentiles are exact (linear interpolation over every value kept).
+Over several recordings (`report A B`) both tables start with their `source`: each recording's
+distributions apart.
 
 Panels (live viewers): the log2 us histogram of stall (views: notify, wake-to-run) and of
 CONTINUE (views: handler), with approximate percentiles, and faults per backing x kind.
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from uffdtrace.aggregate import LogHistogram, log2_us_buckets
+from uffdtrace.events import SOURCE
 from uffdtrace.plugins import Histogram, Panel, Plugin, RunContext, Table
 
 METRICS = ("stall_ns", "notify_ns", "handler_ns", "continue_ns", "wake_to_run_ns")
@@ -42,7 +45,8 @@ class LatencyPlugin(Plugin):
     columns = ("backing", "kind", *METRICS)
 
     def start(self, ctx: RunContext) -> None:
-        self._values: dict[tuple[str, str, str], list[np.ndarray]] = {}
+        self._values: dict[tuple[str, ...], list[np.ndarray]] = {}  # ([source,] backing, kind, metric)
+        self._sourced = False
         self.keep = ctx.tables
         self.reset()
 
@@ -52,8 +56,11 @@ class LatencyPlugin(Plugin):
         self._kinds: dict[tuple[str, str], int] = {}
 
     def batch(self, df: pd.DataFrame) -> None:
-        groups = df.groupby([df["backing"].fillna("unknown"), df["kind"].fillna("unknown")],
-                            sort=False).indices
+        by = [df["backing"].fillna("unknown"), df["kind"].fillna("unknown")]
+        if SOURCE in df:  # tables per recording; the panels' counts over all of them
+            by.insert(0, df[SOURCE])
+            self._sourced = True
+        groups = df.groupby(by, sort=False).indices
         for metric in METRICS:
             col = df[metric]
             values = col.to_numpy(dtype=np.int64, na_value=-1)
@@ -70,7 +77,7 @@ class LatencyPlugin(Plugin):
                 v = values[idx]
                 self._values.setdefault((*key, metric), []).append(v[v >= 0])
         for key, idx in groups.items():
-            self._kinds[key] = self._kinds.get(key, 0) + len(idx)
+            self._kinds[key[-2:]] = self._kinds.get(key[-2:], 0) + len(idx)
 
     def panels(self) -> list[Panel]:
         kinds = Table("backing x kind", ("backing", "kind", "faults"),
@@ -81,21 +88,21 @@ class LatencyPlugin(Plugin):
 
     def finish(self) -> dict[str, pd.DataFrame]:
         pct_rows, hist_rows = [], []
-        for (backing, kind, metric), parts in sorted(self._values.items()):
+        group = [SOURCE, "backing", "kind", "metric"] if self._sourced else ["backing", "kind", "metric"]
+        for key, parts in sorted(self._values.items()):
             v = np.concatenate(parts)
             if not v.size:
                 continue
+            named = dict(zip(group, key, strict=True))
             q = np.percentile(v, list(PERCENTILES.values()))
-            pct_rows.append({"backing": backing, "kind": kind, "metric": metric,
-                             "count": v.size, **dict(zip(PERCENTILES, q.astype(np.int64),
-                                                         strict=True)),
+            pct_rows.append({**named, "count": v.size,
+                             **dict(zip(PERCENTILES, q.astype(np.int64), strict=True)),
                              "max_ns": int(v.max())})
             counts = np.bincount(log2_us_buckets(v))
             for bucket in np.flatnonzero(counts):
-                hist_rows.append({"backing": backing, "kind": kind, "metric": metric,
-                                  "bucket": int(bucket), "lo_us": 1 << int(bucket),
+                hist_rows.append({**named, "bucket": int(bucket), "lo_us": 1 << int(bucket),
                                   "hi_us": 1 << (int(bucket) + 1), "count": int(counts[bucket])})
-        pct_cols = ["backing", "kind", "metric", "count", *PERCENTILES, "max_ns"]
-        hist_cols = ["backing", "kind", "metric", "bucket", "lo_us", "hi_us", "count"]
+        pct_cols = [*group, "count", *PERCENTILES, "max_ns"]
+        hist_cols = [*group, "bucket", "lo_us", "hi_us", "count"]
         return {"percentiles": pd.DataFrame(pct_rows, columns=pct_cols),
                 "histogram": pd.DataFrame(hist_rows, columns=hist_cols)}

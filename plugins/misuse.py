@@ -14,6 +14,9 @@ Tables:
   unresolved  fault_ns, pid, tid, comm, addr, backing, kind, outcome, stall_ns: faults whose
               thread exited inside them, or that were still blocked when tracing ended
 
+Over several recordings (`report A B`, with their --ioctls) both tables start with the rows'
+`source`, and a range registered by one recording's pid 42 says nothing of another's.
+
 Panel (live viewers): failed ioctls by category and errno, and unresolved faults.
 """
 
@@ -24,6 +27,7 @@ import errno
 import numpy as np
 import pandas as pd
 
+from uffdtrace.events import SOURCE
 from uffdtrace.plugins import Panel, Plugin, RunContext, Table
 
 REGISTER_MODE_MINOR = 4
@@ -61,39 +65,45 @@ class MisusePlugin(Plugin):
     def start(self, ctx: RunContext) -> None:
         self._errors: list[pd.DataFrame] = []
         self._unresolved: list[pd.DataFrame] = []
-        self._minor_ranges: list[tuple[int, int, int]] = []  # (pid, start, end)
+        self._minor_ranges: list[tuple[str | None, int, int, int]] = []  # source, pid, start, end
+        self._sourced = False
         self.reset()
 
     def reset(self) -> None:
         self._counts: dict[str, int] = {}
 
     def ioctls(self, df: pd.DataFrame) -> None:
+        self._sourced |= SOURCE in df
         registered = df[(df["ioctl"] == "REGISTER") & (df["errno"] == 0)
                         & ((df["mode"] & REGISTER_MODE_MINOR) != 0)]
-        self._minor_ranges += [(int(p), int(s), int(s + n)) for p, s, n in
-                               zip(registered["pid"], registered["start"], registered["len"], strict=True)]
-        failed = df.loc[df["errno"] != 0, ERRORS].copy()
+        sources = registered[SOURCE] if SOURCE in df else [None] * len(registered)
+        self._minor_ranges += [(src, int(p), int(s), int(s + n)) for src, p, s, n in zip(
+            sources, registered["pid"], registered["start"], registered["len"], strict=True)]
+        failed = df.loc[df["errno"] != 0, _with_source(df, ERRORS)].copy()
         if failed.empty:
             return
         failed["category"] = np.where(failed["errno"] == errno.EEXIST, "already mapped", "error")
+        sources = failed[SOURCE] if SOURCE in df else [None] * len(failed)
         failed["explanation"] = [self._explain(*row) for row in zip(
-            failed["ioctl"], failed["errno"], failed["pid"], failed["start"], strict=True)]
+            failed["ioctl"], failed["errno"], sources, failed["pid"], failed["start"], strict=True)]
         self._errors.append(failed)
         for (category, code), n in failed.groupby(["category", "errno"]).size().items():
             key = f"{category}: {errno.errorcode.get(int(code), code)}"
             self._counts[key] = self._counts.get(key, 0) + int(n)
 
-    def _explain(self, ioctl: str, code: int, pid: int, start) -> str:
+    def _explain(self, ioctl: str, code: int, source: str | None, pid: int, start) -> str:
         text = EXPLAIN.get((ioctl, code)) or EXPLAIN_ANY.get(code, f"{ioctl} failed")
         if ioctl in ("COPY", "ZEROPAGE") and code == errno.EEXIST and not pd.isna(start) and any(
-                p == pid and s <= start < e for p, s, e in self._minor_ranges):
+                src == source and p == pid and s <= start < e
+                for src, p, s, e in self._minor_ranges):
             text += IN_MINOR_RANGE
         return text
 
     def batch(self, df: pd.DataFrame) -> None:
+        self._sourced |= SOURCE in df
         unresolved = df[df["outcome"].isin(["unresolved_exit", "unresolved_end"])]
         if not unresolved.empty:
-            self._unresolved.append(unresolved[UNRESOLVED])
+            self._unresolved.append(unresolved[_with_source(df, UNRESOLVED)])
             self._counts["unresolved faults"] = self._counts.get("unresolved faults", 0) + len(unresolved)
 
     def panels(self) -> list[Panel]:
@@ -103,9 +113,18 @@ class MisusePlugin(Plugin):
 
     def finish(self) -> dict[str, pd.DataFrame]:
         errors = (pd.concat(self._errors, ignore_index=True) if self._errors
-                  else pd.DataFrame(columns=[*ERRORS, "category", "explanation"]))
-        errors.insert(ERRORS.index("errno") + 1, "errno_name", errors["errno"].map(
+                  else pd.DataFrame(columns=[*self._columns(ERRORS), "category", "explanation"]))
+        errors.insert(errors.columns.get_loc("errno") + 1, "errno_name", errors["errno"].map(
             lambda e: errno.errorcode.get(int(e), f"errno {e}")).astype("string"))
         unresolved = (pd.concat(self._unresolved, ignore_index=True) if self._unresolved
-                      else pd.DataFrame(columns=UNRESOLVED))
+                      else pd.DataFrame(columns=self._columns(UNRESOLVED)))
         return {"errors": errors, "unresolved": unresolved}
+
+    def _columns(self, columns: list[str]) -> list[str]:
+        """`columns`, after the source over several recordings."""
+        return [SOURCE, *columns] if self._sourced else columns
+
+
+def _with_source(df: pd.DataFrame, columns: list[str]) -> list[str]:
+    """`columns`, after the rows' source when they have one."""
+    return [SOURCE, *columns] if SOURCE in df else columns

@@ -16,6 +16,9 @@ Tables:
   processes  pid, vcpus, faults, all_blocked_ns, all_blocked_qemu_ns: the time during which
              every vCPU seen faulting in the run was blocked at once, in each definition
 
+Over several recordings (`report A B`) both tables start with their `source`, and a vCPU is a
+(source, pid, vcpu): two hosts' QEMUs with the same pid stay apart.
+
 Panel (live viewers): vCPUs with their faults and blocked time in both definitions, shown once
 a vCPU has faulted.
 """
@@ -26,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from uffdtrace.aggregate import all_blocked_ns, merge_intervals
+from uffdtrace.events import SOURCE
 from uffdtrace.plugins import Panel, Plugin, RunContext, Table
 
 COLUMNS = ("pid", "tid", "vcpu", "fault_ns", "stall_ns", "msg_ns", "cont_exit_ns")
@@ -41,12 +45,14 @@ class QemuPlugin(Plugin):
     def start(self, ctx: RunContext) -> None:
         self.keep = ctx.tables
         self._parts: list[pd.DataFrame] = []
+        self._sourced = False
         self.reset()
 
     def reset(self) -> None:
         self._live = pd.DataFrame(columns=VCPU_COLUMNS)
 
     def batch(self, df: pd.DataFrame) -> None:
+        self._sourced |= SOURCE in df
         df = df[df["vcpu"].notna() & df["pid"].notna()]
         if df.empty:
             return
@@ -68,51 +74,58 @@ class QemuPlugin(Plugin):
 
     def finish(self) -> dict[str, pd.DataFrame]:
         if not self._parts:
-            return {"vcpus": pd.DataFrame(columns=VCPU_COLUMNS),
-                    "processes": pd.DataFrame(columns=PROCESS_COLUMNS)}
+            key = [SOURCE] if self._sourced else []
+            return {"vcpus": pd.DataFrame(columns=key + VCPU_COLUMNS),
+                    "processes": pd.DataFrame(columns=key + PROCESS_COLUMNS)}
         df = pd.concat(self._parts, ignore_index=True)
-        stall, qemu = _intervals(df, "fault_ns", None), _intervals(df, "msg_ns", "cont_exit_ns")
-        vcpus = df.groupby(["pid", "vcpu"]).agg(tid=("tid", "last"), faults=("tid", "size"),
-                                                requests=("msg_ns", "count")).reset_index()
-        vcpus["stall_ns"] = _covered(vcpus, stall)
-        vcpus["qemu_ns"] = _covered(vcpus, qemu)
-        procs = vcpus.groupby("pid").agg(vcpus=("vcpu", "size"), faults=("faults", "sum")).reset_index()
-        procs["all_blocked_ns"] = _all_blocked(procs, stall)
-        procs["all_blocked_qemu_ns"] = _all_blocked(procs, qemu)
-        return {"vcpus": vcpus[VCPU_COLUMNS].astype({"tid": "Int64"}),
-                "processes": procs[PROCESS_COLUMNS]}
+        process = [SOURCE, "pid"] if SOURCE in df else ["pid"]
+        by_vcpu = df.groupby([*process, "vcpu"])
+        vcpu = by_vcpu.ngroup().to_numpy(np.int64)  # each row's vCPU: its row in `vcpus`
+        vcpus = by_vcpu.agg(tid=("tid", "last"), faults=("tid", "size"),
+                            requests=("msg_ns", "count")).reset_index()
+        stall = _intervals(df, vcpu, "fault_ns", None)
+        qemu = _intervals(df, vcpu, "msg_ns", "cont_exit_ns")
+        vcpus["stall_ns"] = _covered(len(vcpus), stall)
+        vcpus["qemu_ns"] = _covered(len(vcpus), qemu)
+        by_process = vcpus.groupby(process)
+        owner = by_process.ngroup().to_numpy(np.int64)  # each vCPU's process: its row in `procs`
+        procs = by_process.agg(vcpus=("vcpu", "size"), faults=("faults", "sum")).reset_index()
+        procs["all_blocked_ns"] = _all_blocked(procs["vcpus"].to_numpy(), owner, stall)
+        procs["all_blocked_qemu_ns"] = _all_blocked(procs["vcpus"].to_numpy(), owner, qemu)
+        key = process[:-1]
+        return {"vcpus": vcpus[key + VCPU_COLUMNS].astype({"tid": "Int64"}),
+                "processes": procs[key + PROCESS_COLUMNS]}
 
 
-Intervals = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pid, vcpu, start, end
+Intervals = tuple[np.ndarray, np.ndarray, np.ndarray]  # vCPU (its row in `vcpus`), start, end
 
 
-def _intervals(df: pd.DataFrame, begin: str, end: str | None) -> Intervals:
+def _intervals(df: pd.DataFrame, vcpu: np.ndarray, begin: str, end: str | None) -> Intervals:
     """Each vCPU's blocked intervals, merged: [begin, end) (end None: begin + stall_ns)."""
     stop = df["stall_ns"] + df[begin] if end is None else df[end]
     ok = (df[begin].notna() & stop.notna()).to_numpy(bool)
-    pid, vcpu = df["pid"].to_numpy(np.int64)[ok], df["vcpu"].to_numpy(np.int64)[ok]
     start, finish = df[begin].to_numpy(np.int64, na_value=0)[ok], stop.to_numpy(np.int64, na_value=0)[ok]
-    key = pid << 32 | vcpu  # merge_intervals merges per (pid, thread): here per (pid, vCPU)
-    merged_key, start, finish = merge_intervals(key, np.zeros_like(key), start, finish)
-    return merged_key >> 32, merged_key & 0xFFFFFFFF, start, finish
+    # merge_intervals merges per (pid, thread): here per vCPU
+    return merge_intervals(vcpu[ok], np.zeros(ok.sum(), dtype=np.int64), start, finish)
 
 
-def _covered(vcpus: pd.DataFrame, intervals: Intervals) -> np.ndarray:
-    pid, vcpu, start, end = intervals
-    spans = pd.Series(end - start).groupby([pid, vcpu]).sum()
-    keys = pd.MultiIndex.from_frame(vcpus[["pid", "vcpu"]].astype(np.int64))
-    return spans.reindex(keys, fill_value=0).to_numpy(np.int64)
+def _covered(vcpus: int, intervals: Intervals) -> np.ndarray:
+    vcpu, start, end = intervals
+    spans = np.zeros(vcpus, dtype=np.int64)
+    np.add.at(spans, vcpu, end - start)
+    return spans
 
 
-def _all_blocked(procs: pd.DataFrame, intervals: Intervals) -> list[int]:
-    pid, _, start, end = intervals
-    order = np.argsort(pid, kind="stable")
-    pid, start, end = pid[order], start[order], end[order]
-    out = []
-    for p, n in zip(procs["pid"].to_numpy(np.int64), procs["vcpus"], strict=True):
-        lo, hi = np.searchsorted(pid, p, side="left"), np.searchsorted(pid, p, side="right")
-        out.append(all_blocked_ns(start[lo:hi], end[lo:hi], int(n)))
-    return out
+def _all_blocked(vcpus: np.ndarray, owner: np.ndarray, intervals: Intervals) -> list[int]:
+    """Per process (`vcpus` of it; `owner`: each vCPU's process), the time all its vCPUs were
+    blocked at once."""
+    vcpu, start, end = intervals
+    process = owner[vcpu]
+    order = np.argsort(process, kind="stable")
+    process, start, end = process[order], start[order], end[order]
+    lo = np.searchsorted(process, np.arange(len(vcpus)), side="left")
+    hi = np.searchsorted(process, np.arange(len(vcpus)), side="right")
+    return [all_blocked_ns(start[a:b], end[a:b], int(n)) for a, b, n in zip(lo, hi, vcpus, strict=True)]
 
 
 def _sum_per_vcpu(df: pd.DataFrame) -> pd.DataFrame:

@@ -9,7 +9,8 @@ The ioctl rates count successful calls (ioctl rows: full mode) by their exit, wh
 traced thread waited for them: a migration's background stream of COPYs counts too.
 Intervals are aligned to multiples of interval_s of CLOCK_MONOTONIC, by fault_ns (ioctls: by
 exit_ns); t_s is the interval's start in seconds from the first one. Intervals without faults
-or ioctls are listed with 0.
+or ioctls are listed with 0. Over several recordings (`report A B`) the table starts with the
+`source`, and each recording has its own intervals: hosts' CLOCK_MONOTONIC clocks differ.
 
 Panel (live viewers): faults/s and each ioctl type seen per second in the last complete second,
 their peak and the last minute, per second of CLOCK_MONOTONIC (the data's own clock when
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from uffdtrace.events import SOURCE
 from uffdtrace.plugins import Panel, Plugin, Rate, Rates, RunContext
 
 RESOLVING = ("CONTINUE", "COPY", "ZEROPAGE", "MOVE", "POISON", "WAKE")
@@ -41,8 +43,9 @@ class TimelinePlugin(Plugin):
         if ctx.options["interval_s"] <= 0:
             raise ValueError("option interval_s must be positive")
         self.interval_ns = int(ctx.options["interval_s"] * 1e9)
-        self._faults: list[pd.DataFrame] = []
-        self._ioctls: list[pd.DataFrame] = []
+        self._faults: dict[str | None, list[pd.DataFrame]] = {}  # per source (None: just one)
+        self._ioctls: dict[str | None, list[pd.DataFrame]] = {}
+        self._sourced = False
         self.keep = ctx.tables
         self._now_s: int | None = None
         self.reset()
@@ -56,22 +59,34 @@ class TimelinePlugin(Plugin):
         self._now_s = now_ns // 1_000_000_000
 
     def batch(self, df: pd.DataFrame) -> None:
+        self._sourced |= SOURCE in df
         df = df[df["fault_ns"].notna()]
         fault_ns = df["fault_ns"].to_numpy(np.int64)
         if self.keep:
-            self._faults.append(pd.DataFrame({"slot": fault_ns // self.interval_ns,
-                                              "stall_ns": df["stall_ns"].astype("Float64")}))
+            self._keep(self._faults, df, pd.DataFrame({
+                "slot": fault_ns // self.interval_ns,
+                "stall_ns": df["stall_ns"].astype("Float64")}))
         self._count("faults/s", fault_ns)
 
     def ioctls(self, df: pd.DataFrame) -> None:
+        self._sourced |= SOURCE in df
         df = df[df["ioctl"].isin(RESOLVING).fillna(False) & (df["errno"] == 0).fillna(False)
                 & df["exit_ns"].notna()]
         exit_ns = df["exit_ns"].to_numpy(np.int64)
         if self.keep:
-            self._ioctls.append(pd.DataFrame({"slot": exit_ns // self.interval_ns,
-                                              "ioctl": df["ioctl"].to_numpy(object)}))
+            self._keep(self._ioctls, df, pd.DataFrame({"slot": exit_ns // self.interval_ns,
+                                                       "ioctl": df["ioctl"].to_numpy(object)}))
         for name in df["ioctl"].unique():
             self._count(f"{name}/s", exit_ns[(df["ioctl"] == name).to_numpy(bool)])
+
+    def _keep(self, parts: dict[str | None, list[pd.DataFrame]], df: pd.DataFrame,
+              part: pd.DataFrame) -> None:
+        """`part`, rows of `df` by position, into `parts` per source."""
+        if SOURCE not in df:
+            parts.setdefault(None, []).append(part)
+            return
+        for source, rows in df.groupby(SOURCE, sort=False).indices.items():
+            parts.setdefault(source, []).append(part if len(rows) == len(part) else part.iloc[rows])
 
     def _count(self, rate: str, instants_ns: np.ndarray) -> None:
         counts = self._per_s.setdefault(rate, {})
@@ -95,10 +110,23 @@ class TimelinePlugin(Plugin):
         return [Panel("rates", (Rates("rates, last minute", tuple(rates)),))]
 
     def finish(self) -> dict[str, pd.DataFrame]:
-        faults = [p for p in self._faults if not p.empty]
-        ioctls = [p for p in self._ioctls if not p.empty]
+        tables = []
+        for source in sorted(self._faults.keys() | self._ioctls.keys(), key=lambda s: s or ""):
+            table = self._intervals(self._faults.get(source, []), self._ioctls.get(source, []))
+            if self._sourced:
+                table.insert(0, SOURCE, pd.array([source] * len(table), dtype="string"))
+            tables.append(table)
+        if not tables:
+            return {"intervals": pd.DataFrame(columns=[SOURCE, *COLUMNS] if self._sourced
+                                              else COLUMNS)}
+        return {"intervals": pd.concat(tables, ignore_index=True)}
+
+    def _intervals(self, faults: list[pd.DataFrame], ioctls: list[pd.DataFrame]) -> pd.DataFrame:
+        """The intervals of one recording."""
+        faults = [p for p in faults if not p.empty]
+        ioctls = [p for p in ioctls if not p.empty]
         if not faults and not ioctls:
-            return {"intervals": pd.DataFrame(columns=COLUMNS)}
+            return pd.DataFrame(columns=COLUMNS)
         f = pd.concat(faults or [_frame(slot="int64", stall_ns="Float64")], ignore_index=True)
         io = pd.concat(ioctls or [_frame(slot="int64", ioctl="object")], ignore_index=True)
         used = pd.concat([f["slot"], io["slot"]]).astype(np.int64)
@@ -114,7 +142,7 @@ class TimelinePlugin(Plugin):
             n = by_type[r].to_numpy(np.float64) if r in by_type else np.zeros(len(slots))
             out[f"{r.lower()}_per_s"] = n / seconds
         out["p99_stall_ns"] = per_slot["p99"].round().astype("Int64").to_numpy()
-        return {"intervals": pd.DataFrame(out, columns=COLUMNS)}
+        return pd.DataFrame(out, columns=COLUMNS)
 
 
 def _frame(**dtypes: str) -> pd.DataFrame:

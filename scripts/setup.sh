@@ -37,6 +37,29 @@ apt_install_missing() {  # LABEL PACKAGE...
 apt_install_missing "Debian packages" "${APT_PACKAGES[@]}"
 apt_install_missing "VM-test packages (qemu, busybox, Debian's kernel)" "${VM_PACKAGES[@]}"
 
+# Prometheus, for the exporter's tests: each test starts its own /usr/bin/prometheus on a free
+# port (tests/prometheus.py). Debian's package also sets up a service on :9090, which its
+# postinst starts (systemd; or its init.d script, unless a policy-rc.d forbids it, as Docker's
+# does). That service is stopped and disabled, every run, so no daemon of the package stays up.
+apt_install_missing "Prometheus (exporter tests)" prometheus
+if [[ -d /run/systemd/system ]]; then
+    if systemctl --quiet is-enabled prometheus 2>/dev/null || systemctl --quiet is-active prometheus; then
+        systemctl disable --now --quiet prometheus
+        say "stopped and disabled Debian's prometheus service (the tests start their own)"
+    fi
+else
+    # No systemd: the init.d script's own pidfile tells whether its daemon runs (other
+    # prometheus processes, such as the tests', are left alone).
+    if start-stop-daemon --status --pidfile /run/prometheus/prometheus.pid --exec /usr/bin/prometheus; then
+        /etc/init.d/prometheus stop >/dev/null
+        say "stopped Debian's prometheus daemon (the tests start their own)"
+    fi
+    if compgen -G '/etc/rc[2345].d/S*prometheus' >/dev/null; then
+        update-rc.d prometheus disable >/dev/null 2>&1
+        say "disabled Debian's prometheus init script at boot"
+    fi
+fi
+
 # BCC and bpftrace look for tracepoint formats in tracefs.
 if [[ ! -e /sys/kernel/tracing/events ]]; then
     mount -t tracefs nodev /sys/kernel/tracing && say "mounted tracefs on /sys/kernel/tracing"

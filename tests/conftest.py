@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,6 +27,65 @@ from uffdtrace.exerciser.hugepages import nr_hugepages
 from uffdtrace.targets import alive
 
 HANDLER_PROCESS_NAME = "uffdx-hprocess"  # comm of the exerciser's handler process
+
+# --- What a test needs of the machine: the markers root, hugepages, netns and qemu ----------
+# (registered in pyproject.toml). Checked before the test and its fixtures start: a test that
+# needs what this machine lacks fails, naming what is missing. It is never skipped. tests/unit
+# needs none of them.
+
+UNIT_TESTS = Path(__file__).parent / "unit"
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def _lacks_root() -> str | None:
+    return None if os.geteuid() == 0 else "needs root (BPF, userfaultfd): run the tests as root"
+
+
+def _lacks_hugepages() -> str | None:
+    if os.access(NR_HUGEPAGES, os.W_OK):
+        return None
+    return (f"needs hugepages: {NR_HUGEPAGES} is not writable here (reserving hugepages takes root "
+            "and a kernel with hugetlbfs)")
+
+
+def _lacks_netns() -> str | None:
+    try:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"needs network namespaces: `ip netns` is unusable ({e}; apt-get install iproute2)"
+    if out.returncode != 0:
+        return f"needs network namespaces: `ip netns list` failed: {out.stderr.strip()}"
+    return None
+
+
+def _lacks_qemu() -> str | None:
+    if shutil.which("qemu-system-x86_64"):
+        return None
+    return "needs qemu-system-x86_64: apt-get install qemu-system-x86 (or run `make setup`)"
+
+
+MACHINE_NEEDS: dict[str, Callable[[], str | None]] = {
+    "root": _lacks_root, "hugepages": _lacks_hugepages, "netns": _lacks_netns, "qemu": _lacks_qemu}
+
+
+@functools.cache
+def lacking(need: str) -> str | None:
+    """Why this machine cannot give a test `need` (None: it can), found once per run."""
+    return MACHINE_NEEDS[need]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    needs = list(dict.fromkeys(m.name for m in item.iter_markers() if m.name in MACHINE_NEEDS))
+    if not needs:
+        return
+    if item.path.is_relative_to(UNIT_TESTS):
+        pytest.fail(f"marked {', '.join(needs)}: tests/unit runs without root, BPF or a kernel, so "
+                    "this test belongs in tests/", pytrace=False)
+    missing = [why for why in map(lacking, needs) if why]
+    if missing:
+        pytest.fail("; ".join(missing), pytrace=False)
+
 
 
 def handler_processes(parent: int | None = None) -> set[int]:

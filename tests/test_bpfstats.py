@@ -16,6 +16,8 @@ from uffdtrace.probes.bpfstats import BpfStats
 from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.session import Session
 
+pytestmark = [pytest.mark.root]
+
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 

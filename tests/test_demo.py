@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
 
 def test_demo_headless_traces_the_migration():
     out = subprocess.run([sys.executable, "-m", "uffdtrace", "demo"], capture_output=True,

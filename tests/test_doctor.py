@@ -16,6 +16,8 @@ import pytest
 from uffdtrace.commands import doctor
 from uffdtrace.probes import capabilities as cap
 
+pytestmark = [pytest.mark.root]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def uffdtrace(*args: str, prefix: tuple[str, ...] = (), **env: str) -> subproces
     )
 
 
+@pytest.mark.hugepages
 def test_doctor_here() -> None:
     res = uffdtrace("doctor", PYTHONIOENCODING="utf-8")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -56,6 +59,7 @@ def test_doctor_without_utf8_says_ok_and_missing() -> None:
     assert any(x.strip().startswith("OK      raw-tracepoints") for x in res.stdout.splitlines())
 
 
+@pytest.mark.hugepages
 def test_doctor_json() -> None:
     res = uffdtrace("doctor", "--json")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -16,7 +16,7 @@ from conftest import handler_processes
 
 from uffdtrace.exerciser.hugepages import available_hugepages, nr_hugepages
 
-pytestmark = pytest.mark.usefixtures("no_leaks")
+pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.root]
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 
@@ -100,6 +100,7 @@ def test_pid_file_and_delay_let_a_tracer_attach(tmp_path):
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.hugepages
 def test_signal_cleans_up(tmp_path, sig, status):
     """Interrupted during a hugetlb run with a handler process: hugepages given back, the
     handler process gone, no traceback."""
@@ -125,6 +126,7 @@ def test_signal_cleans_up(tmp_path, sig, status):
     assert not handler_processes(pid)
 
 
+@pytest.mark.hugepages
 def test_hugepages_of_a_sigkilled_run_are_given_back_by_the_next():
     """SIGKILL leaves no chance to shrink the pool: the next hugetlb run returns those pages."""
     before = nr_hugepages()

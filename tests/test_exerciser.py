@@ -23,7 +23,7 @@ from uffdtrace.exerciser import (
 )
 from uffdtrace.exerciser.hugepages import LEDGER, NR_HUGEPAGES, available_hugepages, nr_hugepages
 
-pytestmark = pytest.mark.usefixtures("no_leaks")
+pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.root, pytest.mark.hugepages]
 
 PAGES = {"shmem": 128, "hugetlb": 8, "anon": 128}
 FLAG_WRITE, FLAG_MINOR = 1, 4

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tests.conftest import (
     MachineState,
@@ -46,6 +47,8 @@ from tests.conftest import (
 from uffdtrace.exerciser import hugepages
 from uffdtrace.exerciser.hugepages import available_hugepages
 from uffdtrace.targets import alive
+
+pytestmark = [pytest.mark.root, pytest.mark.hugepages, pytest.mark.netns]
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 HUGETLB_EXERCISE = [*UFFDTRACE, "exercise", "--backing", "hugetlb"]

@@ -31,6 +31,8 @@ from tests.foreign import (
 )
 from uffdtrace.events import FAULT_COLUMNS
 
+pytestmark = [pytest.mark.root]
+
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 # (MiB, bounces): shmem makes 4096 minor faults of 4 KiB, hugetlb_shared 64 of 2 MiB; each run
 # is about 1 s untraced, 6-10 s traced (BCC compile included).
@@ -69,6 +71,7 @@ def record_selftest(tmp: Path, mode: str, memory: str) -> tuple:
 
 @pytest.mark.parametrize("memory", ["shmem", "hugetlb_shared"])
 @pytest.mark.parametrize("mode", ["full", "light"])
+@pytest.mark.hugepages
 def test_selftest(tmp_path, no_leaks, mode, memory):
     """The selftest's minor faults, its CONTINUEs, and what must not be in the recording.
 

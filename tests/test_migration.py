@@ -20,6 +20,8 @@ from uffdtrace.errors import UserError
 from uffdtrace.migration import Link, MigrationConfig, measure_bandwidth, remove_leftovers, run
 from uffdtrace.migration.link import leftovers
 
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 NODE = "uffdtrace.migration.node"
 
@@ -107,6 +109,7 @@ def test_demand_and_prefetch_race(no_leaks):
     assert s["prefetch_discarded"] + s["push_skipped"] > 0   # the race happened
 
 
+@pytest.mark.hugepages
 def test_hugetlb(no_leaks):
     s = run(MigrationConfig(size_mib=16, backing="hugetlb", dirty_rate=100, rounds=2))
     check_counts(s)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = [pytest.mark.root]
+
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 PLUGINS = ["latency", "blocktime", "hotpages", "misuse", "timeline"]
 
@@ -96,6 +98,7 @@ def test_hotpages_sees_each_page_once(run_with_threads):
 @pytest.mark.parametrize(("misuse", "backing", "expected"),
                          [("copy-on-minor", "shmem", 17), ("zeropage-on-minor", "hugetlb", 22),
                           ("continue-on-missing", "shmem", 14)])
+@pytest.mark.hugepages
 def test_misuse_plugin_flags_the_seed_rules(tmp_path, misuse, backing, expected):
     _, _, summary = traced_run(tmp_path, ["--backing", backing, "--pages", "40",
                                                   "--misuse", misuse])

@@ -41,6 +41,8 @@ from uffdtrace.errors import UserError
 from uffdtrace.qmp import vcpu_threads
 from uffdtrace.targets import alive
 
+pytestmark = [pytest.mark.qemu]
+
 _guests: dict[Path, Guest] = {}
 
 
@@ -60,6 +62,7 @@ def guest_in(directory: Path) -> Guest:
 
 @pytest.mark.parametrize("mode", ["full", "light"])
 @pytest.mark.parametrize("memory", ["anon", "memfd"])
+@pytest.mark.root
 def test_qemu_postcopy(tmp_path, guest_dir, no_leaks, memory, mode):
     """Full mode, exact: QEMU's placed pages = our successful COPY/ZEROPAGE ioctl rows (as
     page, ioctl and thread); the fault messages QEMU's fault thread read = our rows with a

@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import read_stderr_until, reaped, still_loaded, tracing_started
 from uffdtrace.targets import alive
 
+pytestmark = [pytest.mark.root]
+
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 SLOW_PLUGIN = """
 import time

@@ -120,6 +120,7 @@ def replay_app(path: Path, *extra: type[Plugin], tmp: Path = Path(), err=None) -
     return TopApp(host, lambda: "file backend · full mode · replay", snapshot_dir=tmp)
 
 
+@pytest.mark.root
 def test_replay_shows_what_plugins_computed(recording):
     app = replay_app(recording)
     faults = pd.concat(read_faults(recording))
@@ -228,6 +229,7 @@ def test_snapshot(synthetic, snap_compare, size):
     assert snap_compare(replay_app(synthetic), terminal_size=size)
 
 
+@pytest.mark.root
 def test_live_exerciser(no_leaks):
     """A traced exerciser: the live screen shows the numbers the session counted."""
     launched = LaunchedCommand([str(UFFDTRACE), "exercise", "--pages", "20000", "--cpus", "0"])
@@ -294,6 +296,7 @@ def run_in_terminal(argv: list[str], stop_after_s: float | None = None,
 
 
 @pytest.mark.parametrize("how", ["command exits", "SIGTERM"])
+@pytest.mark.root
 def test_top_command_restores_terminal(no_leaks, how):
     delay = ["--delay-s", "30"] if how == "SIGTERM" else []
     code, out = run_in_terminal(
@@ -306,6 +309,7 @@ def test_top_command_restores_terminal(no_leaks, how):
         assert f"5000 faults ({BACKEND} backend, full mode)" in out and "verified" in out
 
 
+@pytest.mark.root
 def test_top_hold_keeps_the_screen_until_q(no_leaks):
     """--hold: the traced command ends, the screen stays with the final numbers until q."""
     code, out = run_in_terminal(

@@ -27,7 +27,7 @@ from uffdtrace.probes import hooks
 
 VM_TIMEOUT_S = 840  # the VM is killed after this (measured: see README, "Tests")
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root]
 by_session = pytest.mark.parametrize("name", [s.name for s in SESSIONS])
 PAIRS = [(s.name, w) for s in SESSIONS for w in s.workloads]
 

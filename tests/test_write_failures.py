@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import MachineState, reaped, report_accepts, tracing_started, whole_rows
 
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 PAGES = 50_000  # ~12 MB of CSV, and a few seconds of faults
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "report": "analyse a recorded CSV with plugins (tables, CSV files, plots)",
     "migrate": "emulate a post-copy live migration (namespaces, veth, TBF, MINOR faults)",
     "top": "live view: latency histograms, rates, threads by stall",
+    "export": "Prometheus exporter of fault metrics aggregated in BPF (a daemon for fleets)",
 }
 
 EPILOG = """\

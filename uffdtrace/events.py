@@ -85,6 +85,14 @@ IOCTL_COLUMNS: dict[str, tuple[str, str]] = {
     "exit_ns": ("Int64", "instant the ioctl returned"),
 }
 
+# `report` over several recordings gives every row this column too: its recording. It is no
+# column of the files, and a plugin gets it along with the columns it reads.
+SOURCE = "source"
+SOURCE_COLUMN: dict[str, tuple[str, str]] = {
+    SOURCE: ("string", "the recording the row comes from: its file name without the suffix, or "
+             "its path where two recordings share a name (`report` over several recordings)"),
+}
+
 # Columns whose values come from a fixed set (or are empty: unknown). The ioctl records have
 # none: their ioctl names include nrN, for any ioctl number without a name.
 CATEGORIES: dict[str, tuple[str, ...]] = {"backing": BACKINGS, "kind": KINDS, "outcome": OUTCOMES}

@@ -27,7 +27,8 @@ from uffdtrace.events import BlockedFault, Status
 from uffdtrace.pipeline import Assembler, Batch
 from uffdtrace.probes.backends import Backend, resolve
 from uffdtrace.probes.bpfstats import BpfStats
-from uffdtrace.probes.tracepoint import HANDLER, TraceScope
+from uffdtrace.probes.records import ROLE_HANDLER
+from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.sinks import IoctlSink, Sink
 from uffdtrace.summary import FaultStats
 from uffdtrace.targets import LaunchedCommand, uffd_holders, uffd_inodes, uffd_ranges
@@ -71,13 +72,14 @@ class Session:
         self.startup_s = time.monotonic() - t0
 
     def _add_handlers(self) -> None:
-        """Processes that hold a traced process's userfaultfd are its handlers: trace them too."""
-        if self.scope.all:
+        """Processes that hold a traced process's userfaultfd are its handlers: trace them too.
+        (Discovered processes' handlers join from BPF: no /proc scan on a busy host.)"""
+        if self.scope.all or self.scope.discover:
             return
         known = self.backend.tracked()
         inodes = set().union(*(uffd_inodes(p) for p in known))
         for pid in uffd_holders(inodes) - known.keys():
-            self.backend.track(pid, role=HANDLER)
+            self.backend.track(pid, role=ROLE_HANDLER)
 
     def stop(self) -> None:
         self._stop.set()

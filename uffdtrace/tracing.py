@@ -1,4 +1,4 @@
-"""The one orchestration path of every command that traces (`record`, `top`): choose the
+"""The one orchestration path of every command that traces (`record`, `top`, `export`): choose the
 targets and resolve the backend once, launch the command, run the session, close it and
 summarise. Commands choose their sinks and how the session is driven (a loop, or a screen)."""
 
@@ -32,29 +32,35 @@ class Plan:
     command: tuple[str, ...] = ()
     all: bool = False
     vcpus: dict[int, int] = field(default_factory=dict)  # tid -> QEMU vCPU index (--qmp)
+    discover: bool = False  # every process that sets up a userfaultfd (export)
+    per_thread: bool = False  # stats mode: aggregates per thread (the vcpu label)
 
     def context(self, **extra) -> RunContext:
         """What plugins are told about the run."""
-        targets = tuple(f"pid {p}" for p in self.pids) or (" ".join(self.command) or "all",)
+        targets = tuple(f"pid {p}" for p in self.pids) or (
+            " ".join(self.command) or ("userfaultfd users" if self.discover else "all"),)
         return RunContext(targets=targets, backend=self.backend.name, mode=self.mode, **extra)
 
     def scope(self, launched_pid: int | None = None) -> TraceScope:
         """What the BPF programs look at: the pids, every process, or the command's process
         and its children."""
         return TraceScope(pids=self.pids + ((launched_pid,) if launched_pid else ()), all=self.all,
-                          follow_children=bool(self.command))
+                          follow_children=bool(self.command), discover=self.discover,
+                          per_thread=self.per_thread)
 
     def describe(self) -> str:
         if self.command:
             return f"command {' '.join(self.command)}"
+        if self.discover:
+            return "every process that sets up a userfaultfd"
         return "all processes" if self.all else "pid " + ", ".join(map(str, self.pids))
 
 
 def plan(pids: list[int], command: list[str], all_: bool, mode: str, backend: str,
-         qmp: Path | None = None) -> Plan:
+         qmp: Path | None = None, discover: bool = False, per_thread: bool = False) -> Plan:
     """The checked plan: exactly one kind of target, live pids (warned about when they hold no
     userfaultfd yet), a backend this kernel can run, and the vCPUs that QMP names."""
-    if sum([bool(pids), all_, bool(command)]) != 1:
+    if sum([bool(pids), all_, bool(command), discover]) != 1:
         raise UserError("choose exactly one target: -p PID, --all, or -- COMMAND")
     try:
         import bcc  # noqa: F401  (Debian's python3-bpfcc)
@@ -66,7 +72,7 @@ def plan(pids: list[int], command: list[str], all_: bool, mode: str, backend: st
             print(f"uffdtrace: pid {pid} holds no userfaultfd now: its faults show once it opens one",
                   file=sys.stderr)
     vcpus = vcpu_threads(qmp) if qmp is not None else {}
-    return Plan(mode, resolve(backend), tuple(pids), tuple(command), all_, vcpus)
+    return Plan(mode, resolve(backend), tuple(pids), tuple(command), all_, vcpus, discover, per_thread)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The options that `record`, `top` and `report` share, and what they turn into: the tracing
-plan (targets, probes, --qmp, --ebpf) and the plugin host (--plugin, --opt)."""
+"""The options that `record`, `top`, `export` and `report` share, and what they turn into: the
+tracing plan (targets, probes, --qmp, --ebpf) and the plugin host (--plugin, --opt)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ from uffdtrace.sinks.plugins import PluginSink
 from uffdtrace.tracing import Plan, plan
 
 
-def add_probe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=MODES, default="full", help="probe set (default: full)")
+def add_probe_arguments(p: argparse.ArgumentParser, modes: Sequence[str] = MODES) -> None:
+    """--mode (one of `modes`), --backend, --qmp, --ebpf."""
+    if len(modes) > 1:
+        p.add_argument("--mode", choices=modes, default="full", help="probe set (default: full)")
+    else:
+        p.set_defaults(mode=modes[0])
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (kprobes where the kernel has them, else tracepoints), tracepoint "
                         "or kprobe (default: auto)")

@@ -1,4 +1,5 @@
-"""Record every userfaultfd fault of the traced processes: one CSV row per fault.
+"""Record every userfaultfd fault of the traced processes: one CSV row per fault (Parquet for
+-o FILE.parquet: the same columns, typed).
 
 Each row is one fault from touch to resume (columns in README.md). Times are CLOCK_MONOTONIC
 ns; empty cells are what this mode cannot know. A summary follows on stderr (or --json on
@@ -7,8 +8,11 @@ own cost.
 
 stopping: Ctrl-C, SIGTERM or the command's end detach BPF, then plugins get 2 s in total to
 catch up (a plugin still busy then gives no tables); a second signal exits at once. A failed
-write (full disk, closed pipe) stops tracing: the CSV ends at its last complete row, the
-command runs on untraced and is waited for, the summary is printed, and the exit status is 1.
+write (full disk, closed pipe) stops tracing: the CSV ends at its last complete row (a
+Parquet file at its last complete row group, then its footer), the command runs on untraced and
+is waited for, the summary is printed, and the exit status is 1. A Parquet file is readable
+only once its footer is written, on the way out: one killed with SIGKILL or by a second signal
+is not.
 
 modes:
   light   tracepoints page_fault_user, sched_switch, sched_waking and rseq_update only
@@ -21,6 +25,7 @@ modes:
 examples:
   uffdtrace record -o faults.csv -- uffdtrace exercise --pages 20000
   uffdtrace record -o faults.csv --ioctls ioctls.csv -p 4242
+  uffdtrace record -o vm.parquet --ioctls io.parquet -p 4242   # Parquet: by the suffix
   uffdtrace record -p 4242 --duration 10 --mode light -o vm.csv
   uffdtrace record --all -d 5 --json > summary.json
   uffdtrace record -p "$(pgrep -f 'name dst')" --qmp /run/dst.qmp -o vm.csv --ioctls io.csv
@@ -47,21 +52,25 @@ from uffdtrace.errors import UserError
 from uffdtrace.events import BlockedFault
 from uffdtrace.session import Session
 from uffdtrace.sinks.csv import CsvSink, IoctlCsvSink
+from uffdtrace.sinks.parquet import IoctlParquetSink, ParquetSink, is_parquet
 from uffdtrace.summary import print_summary
 from uffdtrace.tracing import trace
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", metavar="FILE.csv",
-                   help="per-fault CSV (default: stdout)")
-    p.add_argument("--ioctls", metavar="FILE.csv",
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="per-fault rows: CSV, or Parquet for a name ending in .parquet (same "
+                        "columns, typed; for recordings too big for a CSV). Default, or -: CSV "
+                        "on stdout (Parquet only goes to a file)")
+    p.add_argument("--ioctls", metavar="FILE",
                    help="also write one row per uffd ioctl of the traced processes (full mode, "
                         "or any mode of the kprobe and fentry backends): "
                         "REGISTER, COPY, CONTINUE, WAKE... with range, mode, return value, errno, "
-                        "mapped bytes, duration and the faults it woke")
+                        "mapped bytes, duration and the faults it woke; Parquet for a name "
+                        "ending in .parquet")
     p.add_argument("-d", "--duration", type=float, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C or the command ends)")
-    add_probe_arguments(p)
+    add_probe_arguments(p, modes=("light", "full"))  # stats mode keeps no rows: `top`, `export`
     add_target_arguments(p, "trace this process and all its threads (repeatable); ends when "
                             "they all have")
     p.add_argument("-j", "--json", action="store_true", help="summary as JSON on stdout")
@@ -72,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.duration is not None and not 0 < args.duration < math.inf:
         raise UserError("--duration must be a positive number of seconds")
-    if args.json and not args.output:
+    to_stdout = args.output in (None, "-")
+    if args.json and to_stdout:
         raise UserError("--json prints the summary on stdout: give the CSV a file with -o")
     plan = plan_from_args(args)
     if args.ebpf:
@@ -81,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
     plugin_sink = plugin_sink_from_args(args, plan.context(), stream=sys.stderr) if args.plugin else None
     sinks = []
     try:
-        sinks.append(CsvSink(args.output) if args.output else CsvSink(None, stream=sys.stdout))
+        sinks.append(CsvSink(None, stream=sys.stdout) if to_stdout
+                     else (ParquetSink if is_parquet(args.output) else CsvSink)(args.output))
         if args.ioctls:
-            sinks.append(IoctlCsvSink(args.ioctls))
+            sinks.append((IoctlParquetSink if is_parquet(args.ioctls) else IoctlCsvSink)(args.ioctls))
     except OSError as e:
         for sink in sinks:
             sink.close()

@@ -30,12 +30,12 @@ import pandas as pd
 
 from uffdtrace.probes.calibration import Learned
 from uffdtrace.probes.kernel import kallsyms
-from uffdtrace.probes.records import F_HUGETLB, F_SHMEM, F_UFFD
+from uffdtrace.probes.records import F_HUGETLB, F_SHMEM, F_UFFD, FAULT_DTYPE
 
 BASE_PAGE = 4096
 X86_PF_PROT = 1  # page fault error code: the page was present (a protection fault)
 
-PathClassifier = Callable[[np.ndarray], pd.DataFrame]
+PathClassifier = Callable[[np.ndarray], pd.DataFrame]  # + of_stats_keys (--mode stats)
 
 
 @functools.cache
@@ -90,10 +90,18 @@ class StackClassifier:
             frames = self._region_frames(pid, gen, addr)
             if not frames:
                 return None  # no sleep seen in this region yet: ask again next time
-            site = self._call_sites.get(frames[0])
-            info = PathInfo(backing_of(frames, self._call_sites), site.kind if site else None)
-            self._cache[key] = info
+            info = self._cache[key] = self._of_frames(frames)
         return info
+
+    def _of_frames(self, frames: tuple[int, ...]) -> PathInfo:
+        site = self._call_sites.get(frames[0])
+        return PathInfo(backing_of(frames, self._call_sites), site.kind if site else None)
+
+    def of_stats_keys(self, keys: np.ndarray) -> tuple[list[str | None], list[str | None]]:
+        """Backing and kind of --mode stats aggregates, from the callers in their key."""
+        infos = [self._of_frames(frames) if (frames := tuple(int(a) for a in k["path"] if a)) else None
+                 for k in keys]
+        return [i.backing if i else None for i in infos], [i.kind if i else None for i in infos]
 
     def __call__(self, f: np.ndarray) -> pd.DataFrame:
         regions = np.stack([f["pid"].astype(np.uint64), f["gen"].astype(np.uint64),
@@ -123,3 +131,11 @@ class HookClassifier:
         backing = np.select(conditions, np.array(["hugetlb", "shmem", "anon"], dtype=object), None)
         kind = pd.Series(f["reason"]).map(self._reason_kinds).where(uffd)
         return paths_frame(backing, kind.to_numpy(dtype=object, na_value=None))
+
+    def of_stats_keys(self, keys: np.ndarray) -> tuple[list[str | None], list[str | None]]:
+        """Backing and kind of --mode stats aggregates, from the hooks and reason in their key."""
+        f = np.zeros(len(keys), FAULT_DTYPE)
+        f["flags"], f["reason"] = keys["hooks"], keys["path"][:, 0]
+        paths = self(f)
+        return (paths["backing"].astype(object).where(paths["backing"].notna(), None).tolist(),
+                paths["kind"].astype(object).where(paths["kind"].notna(), None).tolist())

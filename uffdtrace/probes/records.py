@@ -18,7 +18,7 @@ _C_TYPES = {"u8": "u1", "u16": "<u2", "u32": "<u4", "u64": "<u8",
 _DEFINE = re.compile(r"^#define\s+(\w+)\s+(0x[0-9A-Fa-f]+|\d+)\s*$", re.M)
 _ENUM = re.compile(r"\benum\s+\w+\s*\{([^}]*)\}", re.S)
 _STRUCT = re.compile(r"\bstruct\s+(\w+)\s*\{([^}]*)\}\s*;", re.S)
-_FIELD = re.compile(r"^(\w+)\s+(\w+)(?:\[(\d+)\])?$")
+_FIELD = re.compile(r"^(\w+)\s+(\w+)(?:\[(\w+)\])?$")
 
 
 def _strip_comments(text: str) -> str:
@@ -37,7 +37,9 @@ def parse_constants(text: str) -> dict[str, int]:
 
 
 def parse_structs(text: str) -> dict[str, np.dtype]:
-    """Each struct as an aligned numpy dtype (char[N] -> bytes of N)."""
+    """Each struct as an aligned numpy dtype (char[N] -> bytes of N; N a number or a
+    constant of the same text)."""
+    constants = parse_constants(text)
     structs = {}
     for name, body in _STRUCT.findall(_strip_comments(text)):
         fields = []
@@ -46,6 +48,7 @@ def parse_structs(text: str) -> dict[str, np.dtype]:
             if not m:
                 raise ValueError(f"struct {name}: cannot read field {decl!r}")
             ctype, field, count = m.groups()
+            count = count and str(constants.get(count, count))
             if ctype == "char":
                 fields.append((field, f"S{count or 1}"))
             elif ctype in _C_TYPES:
@@ -80,6 +83,12 @@ def _union(**members: np.dtype) -> np.dtype:
 
 
 RECORD_DTYPE = _union(fault=FAULT_DTYPE, ioctl=IOCTL_DTYPE)
+# --mode stats: the aggregates' keys and per-CPU values
+FAULT_STATS_KEY, FAULT_STATS = STRUCTS["fault_stats_key"], STRUCTS["fault_stats"]
+IOCTL_STATS_KEY, IOCTL_STATS = STRUCTS["ioctl_stats_key"], STRUCTS["ioctl_stats"]
+STATS_BUCKETS = CONSTANTS["STATS_BUCKETS"]
+STATS_KINDS = {CONSTANTS[k]: k.removeprefix("KIND_").lower() for k in
+               ("KIND_MISSING", "KIND_WP", "KIND_MINOR")}
 assert {"type", "flags", "pid", "tid"} <= set(RECORD_DTYPE.names), "records.h: common header"
 
 
@@ -91,6 +100,8 @@ def records_of(rows: np.ndarray) -> np.ndarray:
 
 
 EV_FAULT, EV_IOCTL = CONSTANTS["EV_FAULT"], CONSTANTS["EV_IOCTL"]
+ROLE_TARGET, ROLE_HANDLER, ROLE_DISCOVERED, ROLE_PENDING_HANDLER = (
+    CONSTANTS[f"ROLE_{r}"] for r in ("TARGET", "HANDLER", "DISCOVERED", "PENDING_HANDLER"))
 
 # fault_record.flags
 F_NOTIFIED = CONSTANTS["F_NOTIFIED"]
@@ -119,7 +130,7 @@ IO_PTE = CONSTANTS["IO_PTE"]
 
 # The summary's names of the per-CPU `lost` counters, in index order.
 _LOST_NAMES = {"LOST_RINGBUF": "ringbuf_full", "LOST_INFLIGHT_FULL": "inflight_map_full",
-               "LOST_IOCTL_FULL": "ioctl_map_full"}
+               "LOST_IOCTL_FULL": "ioctl_map_full", "LOST_STATS_FULL": "stats_map_full"}
 LOST_REASONS = tuple(name for _, name in sorted((CONSTANTS[c], name) for c, name in _LOST_NAMES.items()))
 assert len(LOST_REASONS) == CONSTANTS["LOST_REASONS"], "records.h: a lost reason without a name"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -15,6 +16,7 @@ from uffdtrace.events import BlockedFault
 from uffdtrace.probes.bpfstats import prog_run_stats
 from uffdtrace.probes.calibration import calibrated
 from uffdtrace.probes.kernel import kallsyms, struct_member_offsets
+from uffdtrace.probes.mapbatch import delete_keys, lookup_all
 from uffdtrace.probes.paths import PathClassifier, StackClassifier
 from uffdtrace.probes.records import (
     EV_FAULT,
@@ -24,16 +26,21 @@ from uffdtrace.probes.records import (
     F_SLEPT,
     F_WOKEN,
     FAULT_DTYPE,
+    FAULT_STATS,
+    FAULT_STATS_KEY,
+    IOCTL_STATS,
+    IOCTL_STATS_KEY,
     LOST_REASONS,
     RECORD_DTYPE,
+    ROLE_TARGET,
     records_of,
 )
 from uffdtrace.probes.ringbuf import RingBufferReader
 
-MODES = ("light", "full")
+MODES = ("light", "full", "stats")
 # What bpf/tracepoint.c attaches, by mode: `doctor` checks these, and tests/test_capabilities.py
-# holds them against what BCC attached. Raw sys_exit sees handlers' message reads (both modes),
-# sys_enter and sys_exit the uffd ioctls (full).
+# holds them against what BCC attached. Raw sys_exit sees handlers' message reads (every mode),
+# sys_enter and sys_exit the uffd ioctls (full, stats).
 TRACEPOINTS: dict[str, tuple[str, ...]] = {
     "exceptions:page_fault_user": MODES,
     "sched:sched_switch": MODES,
@@ -42,24 +49,30 @@ TRACEPOINTS: dict[str, tuple[str, ...]] = {
     "sched:sched_process_fork": MODES,
     "sched:sched_process_exit": MODES,
     "maple_tree:ma_write": MODES,
-    "raw_syscalls:sys_enter": ("full",),
+    "raw_syscalls:sys_enter": ("full", "stats"),
     "raw_syscalls:sys_exit": MODES,
 }
 # Attached where present (Linux 6.1+): without it, a region mapped anew keeps its first backing.
 OPTIONAL_TRACEPOINTS = ("maple_tree:ma_write",)
 RINGBUF_BYTES = 128 << 20  # ~2 s of full-mode records at 200k faults/s, while the drain thread waits
+STATS_RINGBUF_BYTES = 4096  # --mode stats sends no records
+# Fault aggregates BPF keeps at most (4 x as many ioctl ones), preallocated: 4096 x 448 bytes
+# = 1.8 MB per CPU, and 2.2 MB for ioctls. Those of gone processes are deleted every interval.
+STATS_KEYS = 4096
 MAX_THREADS = 65536
-TARGET, HANDLER = 1, 2
 BPF_DIR = resources.files("uffdtrace.bpf")
+STATS_DTYPES = {"fault_stats": (FAULT_STATS_KEY, FAULT_STATS), "ioctl_stats": (IOCTL_STATS_KEY, IOCTL_STATS)}
 
 
 @dataclass(frozen=True)
 class TraceScope:
-    """Which processes the BPF programs look at."""
+    """Which processes the BPF programs look at (and, in stats mode, how finely)."""
 
     pids: tuple[int, ...] = ()
     all: bool = False
     follow_children: bool = False
+    discover: bool = False  # processes that set up a userfaultfd join (ROLE_DISCOVERED)
+    per_thread: bool = False  # stats mode: one aggregate per thread, not per process
 
 
 @dataclass
@@ -86,15 +99,21 @@ class TracepointBackend:
             f"-DIRQENTRY_END={irqentry[1]:#x}ULL",
             f"-DUIOCTL_START={uffd_ioctl[0]:#x}ULL",
             f"-DUIOCTL_END={uffd_ioctl[1]:#x}ULL",
-            f"-DRINGBUF_PAGES={RINGBUF_BYTES // 4096}",
+            f"-DRINGBUF_PAGES={self.ringbuf_bytes() // 4096}",
             f"-DMAX_THREADS={MAX_THREADS}",
         ]
         from bcc import BPF  # Debian's python3-bpfcc
 
         if BPF.tracepoint_exists("maple_tree", "ma_write"):
             flags.append("-DMAPPINGS_TRACEPOINT")
-        if self.mode == "full":
+        if self.mode in ("full", "stats"):
             flags.append("-DFULL_MODE")
+        if self.mode == "stats":
+            flags += ["-DSTATS_MODE", f"-DSTATS_KEYS={STATS_KEYS}"]
+            if self.scope.per_thread:
+                flags.append("-DSTATS_PER_THREAD")
+        if self.scope.discover:
+            flags.append("-DDISCOVER_UFFDS")
         if self.scope.all:
             flags.append("-DTRACE_ALL")
         if self.scope.follow_children:
@@ -113,7 +132,7 @@ class TracepointBackend:
         from bcc import BPF  # Debian's python3-bpfcc
 
         if self.mode not in MODES:
-            raise UserError(f"unknown mode {self.mode!r}: choose light or full")
+            raise UserError(f"unknown mode {self.mode!r}: choose {', '.join(MODES)}")
         t0 = time.monotonic()
         try:
             self._bpf = BPF(text=self.source(), cflags=self.cflags())
@@ -128,7 +147,10 @@ class TracepointBackend:
         for pid in self.scope.pids:
             self.track(pid)
         events = self._bpf["events"]
-        self._ring = RingBufferReader(events.map_fd, RINGBUF_BYTES, RECORD_DTYPE)
+        self._ring = RingBufferReader(events.map_fd, self.ringbuf_bytes(), RECORD_DTYPE)
+
+    def ringbuf_bytes(self) -> int:
+        return STATS_RINGBUF_BYTES if self.mode == "stats" else RINGBUF_BYTES
 
     def attach(self) -> None:
         """Attach what BCC does not attach by itself (nothing: all are raw tracepoints)."""
@@ -138,7 +160,7 @@ class TracepointBackend:
         return StackClassifier(self.region_frames, calibrated("call_sites", self, self._call_sites_seen))
 
     def sees_ioctls(self) -> bool:
-        return self.mode == "full"
+        return self.mode != "light"
 
     def reads_messages(self) -> bool:
         """Handlers' reads of uffd messages are traced (TRACE_READS in bpf/tracepoint.c): in
@@ -161,7 +183,7 @@ class TracepointBackend:
         self.forget_regions(pid)  # the next calibration run may map the same addresses
         return sites
 
-    def track(self, pid: int, role: int = TARGET) -> None:
+    def track(self, pid: int, role: int = ROLE_TARGET) -> None:
         self._bpf["tracked"][ctypes.c_uint32(pid)] = ctypes.c_uint8(role)
 
     def untrack(self, pid: int) -> None:
@@ -169,8 +191,28 @@ class TracepointBackend:
         counts as tracked (the fast path of page_fault_user)."""
         self._bpf["tracked"].pop(ctypes.c_uint32(pid), None)
         inflight = self._bpf["inflight"]
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            inflight.pop(ctypes.c_uint32(int(tid)), None)
+        with contextlib.suppress(OSError):  # gone: its threads' state went at their exit
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                inflight.pop(ctypes.c_uint32(int(tid)), None)
+
+    def discovered_name(self, pid: int) -> str | None:
+        """The name a discovered process had when it set up its userfaultfd (DISCOVER_UFFDS),
+        once: the entry goes."""
+        table = self._bpf["discovered_comms"]
+        key = ctypes.c_uint32(pid)
+        try:
+            name = table[key].comm.decode(errors="replace")
+        except KeyError:
+            return None
+        table.pop(key, None)
+        return name
+
+    def handler_of(self, pid: int) -> int | None:
+        """The discovered process whose faults a ROLE_PENDING_HANDLER process handles."""
+        try:
+            return self._bpf["handler_of"][ctypes.c_uint32(pid)].value
+        except KeyError:
+            return None
 
     def tracked(self) -> dict[int, int]:
         return {k.value: v.value for k, v in self._bpf["tracked"].items()}
@@ -218,6 +260,43 @@ class TracepointBackend:
             counts[k.value] = v.value
         return counts
 
+    def stats(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """--mode stats: the aggregates `fault_stats` or `ioctl_stats` as (keys, values summed
+        over CPUs, modulo 2^32 for u32 counters; comm from any CPU that has one), dtypes from
+        records.h."""
+        key_dtype, value_dtype = STATS_DTYPES[name]
+        if name == "ioctl_stats":  # one shared value per key
+            return lookup_all(self._bpf[name], key_dtype, value_dtype, per_cpu=False)
+        keys, per_cpu = lookup_all(self._bpf[name], key_dtype, value_dtype, per_cpu=True)
+        values = np.zeros(len(keys), value_dtype)
+        for field_name in value_dtype.names:
+            column = per_cpu[field_name]
+            if field_name == "comm":  # the first CPU's that has one
+                has = column != b""
+                values["comm"] = column[np.arange(len(column)), has.argmax(axis=1)]
+            else:  # u32 counters stay u32: their sum wraps as each CPU's does
+                values[field_name] = column.sum(axis=1, dtype=column.dtype)
+        return keys, values
+
+    def forget(self, pids: set[int]) -> None:
+        """Stop tracing these processes (gone, or refused), and drop their aggregates and event
+        counts (read already, or not wanted)."""
+        if not pids:
+            return
+        wanted = np.fromiter(pids, np.uint32)
+        tables = [name for name in STATS_DTYPES if self.mode == "stats"]
+        for name in tables:
+            keys, _ = self.stats(name)
+            delete_keys(self._bpf[name], keys[np.isin(keys["pid"], wanted)])
+        events = self._bpf["uffd_events"]
+        for k in [k for k in events if k.value >> 32 in pids]:
+            events.pop(k, None)
+        for pid in pids:
+            self.untrack(pid)
+            if self.scope.discover:
+                self._bpf["handler_of"].pop(ctypes.c_uint32(pid), None)
+                self._bpf["discovered_comms"].pop(ctypes.c_uint32(pid), None)
+
     def region_frames(self, pid: int, gen: int, addr: int) -> tuple[int, ...] | None:
         """Callers of handle_userfault sampled at the first block in addr's 2 MiB region, under
         generation `gen` of the process's mappings."""
@@ -252,12 +331,13 @@ class TracepointBackend:
 
     def run_stats(self) -> tuple[int, int]:
         """Total (run_time_ns, run_cnt) of this backend's BPF programs."""
-        total_ns = total_cnt = 0
-        for fn in self._bpf.funcs.values():
-            ns, cnt = prog_run_stats(fn.fd)
-            total_ns += ns
-            total_cnt += cnt
-        return total_ns, total_cnt
+        runs = self.program_stats().values()
+        return sum(ns for ns, _ in runs), sum(cnt for _, cnt in runs)
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of each BPF program, by name."""
+        return {(name.decode() if isinstance(name, bytes) else name): prog_run_stats(fn.fd)
+                for name, fn in self._bpf.funcs.items()}
 
     def close(self) -> None:
         if self._ring is not None:

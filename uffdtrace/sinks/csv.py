@@ -35,6 +35,28 @@ def _arrow(column: pd.Series, dtype: str) -> pa.Array:
     return pa.array(column.to_numpy(dtype=object, na_value=None), type=pa.string())
 
 
+def arrow_table(rows: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pa.Table:
+    """A batch of rows as an Arrow table of `columns`, in their order (the Parquet sink's too)."""
+    return pa.table({name: _arrow(rows[name], dtype) for name, (dtype, _) in columns.items()})
+
+
+def write_all(fd: int, data: bytes, name: str, regular: bool) -> None:
+    """All of `data`, or an OSError naming the file `name`, with a `regular` file cut back to
+    where it ended before."""
+    end = os.lseek(fd, 0, os.SEEK_CUR) if regular else None
+    try:
+        view = memoryview(data)
+        while view:  # a write can be short: the disk filled up, a signal came
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        if end is not None:
+            with contextlib.suppress(OSError):  # a file that cannot be cut keeps a partial row
+                os.ftruncate(fd, end)
+                os.lseek(fd, end, os.SEEK_SET)
+        e.filename = name
+        raise
+
+
 class CsvSink:
     def __init__(self, path: Path | str | None, stream: TextIO | None = None,
                  columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> None:
@@ -50,27 +72,14 @@ class CsvSink:
     def write(self, faults: pd.DataFrame) -> None:
         if faults.empty:
             return
-        table = pa.table({name: _arrow(faults[name], dtype)
-                          for name, (dtype, _) in self.columns.items()})
+        table = arrow_table(faults, self.columns)
         rows = pa.BufferOutputStream()
         pacsv.write_csv(table, rows, write_options=_ROWS_ONLY)
         self._write(rows.getvalue().to_pybytes())
         self.rows += len(faults)
 
     def _write(self, data: bytes) -> None:
-        """All of `data`, or an OSError with a regular file cut back to where it ended before."""
-        end = os.lseek(self._fd, 0, os.SEEK_CUR) if self._regular else None
-        try:
-            view = memoryview(data)
-            while view:  # a write can be short: the disk filled up, a signal came
-                view = view[os.write(self._fd, view):]
-        except OSError as e:
-            if end is not None:
-                with contextlib.suppress(OSError):  # a file that cannot be cut keeps a partial row
-                    os.ftruncate(self._fd, end)
-                    os.lseek(self._fd, end, os.SEEK_SET)
-            e.filename = self.name
-            raise
+        write_all(self._fd, data, self.name, self._regular)
 
     def close(self) -> None:
         if self._own:

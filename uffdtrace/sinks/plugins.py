@@ -10,7 +10,8 @@ more than half full, or batches skipped) is also reported while the run goes on,
 per BEHIND_WARN_S. At close the plugins get SHUTDOWN_S in total to work off their queues; one
 still busy then is cut: what it had not processed is counted and named, and it gives no tables
 (it is in `cut`, and the command exits non-zero). Offline (report) the host runs the plugins
-synchronously, in the caller's thread, and skips nothing.
+synchronously, in the caller's thread, and skips nothing. A plugin that names its columns gets
+those, and the `source` column of `report` over several recordings when the rows have it.
 
 For live viewers (`panels=True`) each worker also asks its plugin for panels after every tick;
 `panels()` returns the latest ones without waiting for any plugin.
@@ -31,6 +32,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from uffdtrace.events import FAULT_COLUMNS, SOURCE_COLUMN
 from uffdtrace.plugins import Panel, Plugin, PluginInfo, RunContext
 
 QUEUE_BATCHES = 64
@@ -104,7 +106,10 @@ class _Hosted:
         if hook == "ioctls":
             self.call(hook, self.plugin.ioctls, df.copy(deep=False))
             return
-        view = df.copy(deep=False) if self.columns is None else df[self.columns]
+        if self.columns is None:
+            view = df.copy(deep=False)
+        else:  # with the source of each row, when several recordings are replayed
+            view = df[self.columns + [c for c in SOURCE_COLUMN if c in df and c not in self.columns]]
         self.call(hook, self.plugin.batch, view)
 
     def offer(self, df: pd.DataFrame, hook: str = "batch") -> None:
@@ -276,6 +281,14 @@ class PluginSink:
                 h.reset_due = True
             else:
                 h.call("reset", h.plugin.reset)
+
+    @property
+    def columns(self) -> list[str] | None:
+        """The fault columns the plugins read, in FAULT_COLUMNS order (None: all of them)."""
+        if any(h.columns is None for h in self._hosted):
+            return None
+        wanted = {c for h in self._hosted for c in h.columns}
+        return [c for c in FAULT_COLUMNS if c in wanted]
 
     @property
     def failed(self) -> list[str]:
