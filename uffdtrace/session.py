@@ -30,6 +30,7 @@ from uffdtrace.probes.bpfstats import BpfStats
 from uffdtrace.probes.records import ROLE_HANDLER
 from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.sinks import IoctlSink, Sink
+from uffdtrace.stats import StatsFeed
 from uffdtrace.summary import FaultStats
 from uffdtrace.targets import LaunchedCommand, uffd_holders, uffd_inodes, uffd_ranges
 
@@ -55,6 +56,7 @@ class Session:
     on_stuck: Callable[[BlockedFault, float], None] | None = None  # once per fault blocked too long
     write_error: OSError | None = None  # the first failed write of a sink: tracing stopped there
     _reported_stuck: set[tuple[int, int]] = field(default_factory=set)
+    feed: StatsFeed | None = None  # --mode stats: what keeps the in-kernel aggregates (top, export)
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -122,7 +124,8 @@ class Session:
     def status(self) -> Status:
         """Where the running session stands (for a status line)."""
         run_ns, runs = self.backend.run_stats()
-        return Status(self.backend.name, self.mode, self.stats.faults, sum(self.backend.lost().values()),
+        faults = sum(self.feed.aggregates.faults_by_path().values()) if self.feed else self.stats.faults
+        return Status(self.backend.name, self.mode, faults, sum(self.backend.lost().values()),
                       run_ns, runs, time.process_time(), time.monotonic(), tuple(self.blocked))
 
     def _scan_blocked(self) -> None:
@@ -179,6 +182,9 @@ class Session:
                     self.poll()
                     self._emit(self.assembler.feed(self.backend.faults_in_flight()))
                     self._emit(self.assembler.finish())
+                if self.feed is not None:  # the last counts, for the summary
+                    self.feed.tick(now=True)
+                    self.stats.counts = self.feed.aggregates.faults_by_path()
                 info = self._tracer_info()
         finally:
             if self.backend is not None:

@@ -125,6 +125,16 @@ class Aggregates:
                 series.total_ns += int(gained["total_ns"])
                 series.buckets += gained["latency"]
 
+    def faults_by_path(self) -> dict[tuple[str, str], int]:
+        """Faults so far by (backing, kind) ("unknown" where not known or not a label)."""
+        at = {name: i for i, name in enumerate(self.labels)}
+        counts: dict[tuple[str, str], int] = {}
+        with self.lock:
+            for labels, series in self.faults.items():
+                path = tuple((labels[at[k]] if k in at else "") or "unknown" for k in ("backing", "kind"))
+                counts[path] = counts.get(path, 0) + series.faults
+        return counts
+
     def forget(self, pids: set[int]) -> None:
         """Processes that are gone: their aggregates go (their counts stay in the series)."""
         for raw in [r for r in self._labels_of if _pid_of(r) in pids]:
@@ -207,13 +217,12 @@ class StatsFeed:
             if entry.name.isdigit() and int(entry.name) != os.getpid() and uffd_inodes(int(entry.name)):
                 self.backend.track(int(entry.name), role=ROLE_DISCOVERED)
 
-    def tick(self) -> bool:
-        """Once per interval: confirm, read, forget. Returns False (a session's `until`: it never
-        asks to stop)."""
-        now = time.monotonic()
-        if now < self._next:
+    def tick(self, now: bool = False) -> bool:
+        """Once per interval (or `now`): confirm, read, forget. Returns False (a session's
+        `until`: it never asks to stop)."""
+        if not now and time.monotonic() < self._next:
             return False
-        self._next = now + self.interval_s
+        self._next = time.monotonic() + self.interval_s
         tracked = self.backend.tracked()
         decided = {pid for pid, role in tracked.items() if role in (ROLE_TARGET, ROLE_HANDLER)}
         refused = set()

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     def serve(session: Session, ended) -> None:
         paths = session.backend.paths()
         aggregates = Aggregates(args.labels, paths.of_stats_keys, process_comm, args.max_series)
-        feed = StatsFeed(session.backend, aggregates, args.comm, args.interval, every_process=args.all)
+        feed = session.feed = StatsFeed(session.backend, aggregates, args.comm, args.interval,
+                                        every_process=args.all)
         if the_plan.discover:
             feed.adopt_running()
         registry = CollectorRegistry(auto_describe=False)

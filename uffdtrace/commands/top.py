@@ -10,8 +10,12 @@ printed before the summary.
 keys: p pause/resume  r reset  m cycle metric (stall/notify/wake-to-run, continue/handler)
       l linear/log bars  o sort column  f filter tables by pid  s save snapshot CSVs  q quit
 
+With --mode stats the panels come from histograms and counters kept in BPF (the cheapest
+mode); the panels that need per-fault rows say so.
+
 examples:
   uffdtrace top -- uffdtrace exercise --pages 200000 --cpus 0
+  uffdtrace top --mode stats -p 4242
   uffdtrace top --hold -- uffdtrace migrate --bandwidth 1
   uffdtrace top -p 4242 --mode light
 """
@@ -40,6 +44,8 @@ from uffdtrace.errors import UserError
 from uffdtrace.plugins import parse_options, resolve
 from uffdtrace.session import Session
 from uffdtrace.sinks.plugins import PluginSink
+from uffdtrace.stats import Aggregates, StatsFeed, process_comm
+from uffdtrace.stats_panels import StatsPanels
 from uffdtrace.summary import print_summary
 from uffdtrace.targets import LaunchedCommand
 from uffdtrace.tracing import trace
@@ -73,13 +79,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserError("top needs a terminal (use `uffdtrace record` otherwise)")
-    infos = resolve([*PANEL_PLUGINS, *(s for s in args.plugin if s not in PANEL_PLUGINS)])
     errors = io.StringIO()  # plugin failures: shown in the app, printed after it
-    host = PluginSink(infos, plan.context(tables=False), parse_options(args.opt, infos),
-                      tick_s=args.interval, err=errors, panels=True)
+    if args.mode == "stats":  # panels from the in-kernel aggregates: no rows, so no plugins
+        if args.plugin:
+            raise UserError("--plugin needs per-fault rows: --mode light or full")
+        host: PluginSink | StatsPanels = StatsPanels()
+        sinks: list = []
+    else:
+        infos = resolve([*PANEL_PLUGINS, *(s for s in args.plugin if s not in PANEL_PLUGINS)])
+        host = PluginSink(infos, plan.context(tables=False), parse_options(args.opt, infos),
+                          tick_s=args.interval, err=errors, panels=True)
+        sinks = [host]
     with tempfile.TemporaryFile() as held:  # the command's output, shown after the screen
         print("uffdtrace: starting the tracer...", file=sys.stderr)
-        outcome = trace(plan, [host], lambda session, ended: show(
+        outcome = trace(plan, sinks, lambda session, ended: show(
             session, host, ended, hold=args.hold, interval_s=args.interval,
             snapshot_dir=args.snapshot_dir), launch=lambda command: launch(command, held.fileno()))
         with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
@@ -92,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if host.failed or host.cut else 0
 
 
-def show(session: Session, host: PluginSink, ended: Callable[[], bool], *, hold: bool,
+def show(session: Session, host: PluginSink | StatsPanels, ended: Callable[[], bool], *, hold: bool,
          interval_s: float, snapshot_dir: Path) -> None:
     """Show `host`'s panels while the started `session` runs in a worker thread, until the
     user quits, a signal (INT, TERM, HUP) arrives or `ended()` holds (the traced command
@@ -100,9 +113,20 @@ def show(session: Session, host: PluginSink, ended: Callable[[], bool], *, hold:
     session is then stopped, not closed."""
     failure: list[BaseException] = []
 
+    until = ended
+    if isinstance(host, StatsPanels):  # the feed reads the kernel's aggregates on this thread
+        paths = session.backend.paths()
+        aggregates = Aggregates(("comm", "pid", "backing", "kind"), paths.of_stats_keys, process_comm)
+        host.feed = session.feed = StatsFeed(session.backend, aggregates, interval_s=interval_s,
+                                             every_process=session.scope.all)
+        host.reset()
+
+        def until() -> bool:
+            return host.feed.tick() or ended()
+
     def run_session() -> None:
         try:
-            session.run(until=ended)
+            session.run(until=until)
         except BaseException as e:  # re-raised below, once the terminal is restored
             failure.append(e)
 
