@@ -77,7 +77,28 @@ def overhead_section(runs: int) -> list[Verdict]:
         verdicts.append((f"{mode}: no lost events", row["lost"] == 0, f"{row['lost']:.0f} lost"))
         verdicts.append((f"{mode}: one record per fault", row["miscounted"] == 0,
                          f"{row['miscounted']} rows off in {row['runs']} runs"))
-    return verdicts
+    return verdicts + stats_verdicts(table)
+
+
+def stats_verdicts(table: list[dict]) -> list[Verdict]:
+    """--mode stats (issue #14): overhead against its floor and the peer, and the exporter's CPU."""
+    by_name = {row["name"]: row for row in table}
+    stats, peer = by_name["export (--mode stats)"], by_name["bpftrace peer"]
+    floor = by_name["empty programs, full's tracepoints"]
+    over, over_floor, over_peer = stats["p50_ratio"] - 1, floor["p50_ratio"] - 1, peer["p50_ratio"] - 1
+    cpu = stats["tracer_cpu_s"] / stats["window_s"]  # while the workload ran, and 1.2 s after
+    return [
+        ("stats: p50 at most 3 points above the floor of its tracepoints",
+         over <= over_floor + tracer_bench.STATS_ABOVE_FLOOR, f"{over:+.1%} (floor {over_floor:+.1%})"),
+        ("stats: at most a third of the bpftrace peer's overhead",
+         over <= over_peer * tracer_bench.STATS_OF_PEER, f"{over:+.1%} (peer {over_peer:+.1%})"),
+        ("stats: exporter CPU at most 2 % of a core at 100k faults/s",
+         cpu <= tracer_bench.STATS_CPU_AT_100K and stats["faults_per_s"] >= 100_000,
+         f"{cpu:.1%} of a core ({stats['tracer_cpu_s']:.3f} s over {stats['window_s']:.1f} s; "
+         f"the workload at {stats['faults_per_s']:,.0f} faults/s)"),
+        ("stats: every fault counted, none lost", stats["miscounted"] == 0 and stats["lost"] == 0,
+         f"{stats['miscounted']:.0f} off, {stats['lost']:.0f} lost"),
+    ]
 
 
 def accuracy_section(runs: int) -> list[Verdict]:

@@ -1,7 +1,8 @@
 """What tracing costs the traced workload: untraced vs `record --mode light` vs `--mode full`
-vs the bpftrace peer (bench/peer.bt), on the exerciser's 1 + 1 thread shmem workload pinned to
-CPU 0, alternating runs; then a soak at >= 100k faults/s for losses. Empty BPF programs on each
-mode's tracepoints give the floor: what attaching there costs before any work is done.
+vs `export` (--mode stats) vs the bpftrace peer (bench/peer.bt), on the exerciser's 1 + 1 thread
+shmem workload pinned to CPU 0, alternating runs; then a soak at >= 100k faults/s for losses.
+Empty BPF programs on each mode's tracepoints give the floor: what attaching there costs before
+any work is done.
 
 The workload's own numbers (its p50 round trip and faults/s) are the measure; the tracer's
 start-up, CPU and BPF run time come from `record --json`.
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,11 @@ PEER = Path(__file__).with_name("peer.bt")
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
 TARGETS = {"light": 1.10, "full": 1.20}  # p50 vs untraced
 STARTUP_TARGET_S = 2.0
+# --mode stats (issue #14): at most 3 points above the floor of its tracepoints and a third of
+# the bpftrace peer's overhead; the exporter's CPU at most 2 % of a core at 100k faults/s
+STATS_ABOVE_FLOOR = 0.03
+STATS_OF_PEER = 1 / 3
+STATS_CPU_AT_100K = 0.02
 
 
 def _workload(pages: int) -> list[str]:
@@ -53,6 +60,48 @@ def traced(pages: int, mode: str) -> dict[str, float]:
     sample.update(startup_s=tracer["startup_s"], tracer_cpu_s=tracer["tracer_cpu_s"],
                   bpf_ms=tracer["bpf_run_ns"] / 1e6, lost=tracer["lost_total"],
                   miscounted=abs(tracer["faults"] - sample["faults"]))
+    return sample
+
+
+def exported(pages: int) -> dict[str, float]:
+    """The workload under `uffdtrace export` (--mode stats), which finds it when it sets up its
+    userfaultfd; faults, the exporter's CPU and BPF time from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.prometheus import free_port
+
+    port = free_port()
+    exporter = subprocess.Popen([*UFFDTRACE, "export", "--listen", f"127.0.0.1:{port}",
+                                 "--comm", "^python", "--interval", "1"],
+                                stderr=subprocess.PIPE, text=True)
+
+    def metrics() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
+    try:
+        for line in exporter.stderr:
+            if "exporting" in line:
+                break
+        else:
+            raise SystemExit(f"bench: the exporter did not start (exit {exporter.wait()})")
+        before, t0 = metrics(), time.monotonic()
+        sample = untraced(pages)
+        time.sleep(1.2)  # one interval and then some: the last counts are read
+        after, window_s = metrics(), time.monotonic() - t0
+    finally:
+        exporter.terminate()
+        exporter.wait()
+    faults = after.get("uffdtrace_faults_total", 0) - before.get("uffdtrace_faults_total", 0)
+    cpu_s = after["uffdtrace_process_cpu_seconds_total"] - before["uffdtrace_process_cpu_seconds_total"]
+    sample.update(startup_s=after["uffdtrace_startup_seconds"], tracer_cpu_s=cpu_s, window_s=window_s,
+                  bpf_ms=(after["uffdtrace_bpf_run_seconds_total"]
+                          - before["uffdtrace_bpf_run_seconds_total"]) * 1e3,
+                  lost=after["uffdtrace_lost_events_total"], miscounted=abs(faults - sample["faults"]))
     return sample
 
 
@@ -92,7 +141,8 @@ def peer(pages: int) -> dict[str, float]:
 
 def overhead_rows(pages: int = 100_000, runs: int = 5) -> list[dict[str, Any]]:
     light_tps, full_tps = tracepoints_of("light"), tracepoints_of("full")
-    base, light, full, bt, light_floor, full_floor = alternate(
+    assert tracepoints_of("stats") == full_tps, "stats mode's floor is full mode's"
+    base, light, full, bt, light_floor, full_floor, stats = alternate(
         runs,
         lambda: untraced(pages),
         lambda: traced(pages, "light"),
@@ -100,14 +150,16 @@ def overhead_rows(pages: int = 100_000, runs: int = 5) -> list[dict[str, Any]]:
         lambda: peer(pages),
         lambda: floor(pages, light_tps),
         lambda: floor(pages, full_tps),
+        lambda: exported(pages),
     )
     rows = []
     for name, samples in (("untraced", base), ("record --mode light", light),
                           ("record --mode full", full), ("bpftrace peer", bt),
                           ("empty programs, light's tracepoints", light_floor),
-                          ("empty programs, full's tracepoints", full_floor)):
+                          ("empty programs, full's tracepoints", full_floor),
+                          ("export (--mode stats)", stats)):
         row = summarize(name, samples)
-        for key in ("startup_s", "tracer_cpu_s", "bpf_ms", "lost"):
+        for key in ("startup_s", "tracer_cpu_s", "bpf_ms", "lost", "window_s"):
             if key in samples[0]:
                 row[key] = statistics.median(s[key] for s in samples)
         if "miscounted" in samples[0]:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from uffdtrace.events import SOURCE
+from uffdtrace.events import SOURCE, empty_frame
 from uffdtrace.plugins import Panel, Plugin, Rate, Rates, RunContext
 
 RESOLVING = ("CONTINUE", "COPY", "ZEROPAGE", "MOVE", "POISON", "WAKE")
@@ -127,8 +127,8 @@ class TimelinePlugin(Plugin):
         ioctls = [p for p in ioctls if not p.empty]
         if not faults and not ioctls:
             return pd.DataFrame(columns=COLUMNS)
-        f = pd.concat(faults or [_frame(slot="int64", stall_ns="Float64")], ignore_index=True)
-        io = pd.concat(ioctls or [_frame(slot="int64", ioctl="object")], ignore_index=True)
+        f = pd.concat(faults or [empty_frame({"slot": "int64", "stall_ns": "Float64"})], ignore_index=True)
+        io = pd.concat(ioctls or [empty_frame({"slot": "int64", "ioctl": "object"})], ignore_index=True)
         used = pd.concat([f["slot"], io["slot"]]).astype(np.int64)
         slots = np.arange(used.min(), used.max() + 1)
         g = f.groupby("slot")
@@ -145,5 +145,3 @@ class TimelinePlugin(Plugin):
         return pd.DataFrame(out, columns=COLUMNS)
 
 
-def _frame(**dtypes: str) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})

@@ -16,11 +16,11 @@ from uffdtrace.errors import UserError
 # textual or pyroute2 are missing, and `exercise` needs none of them).
 COMMANDS = {
     "demo": "a post-copy-like workload, traced live (headless without a terminal)",
-    "record": "record per-fault timelines to CSV",
+    "record": "record per-fault timelines to CSV or Parquet",
     "exercise": "run a userfaultfd fault workload with ground truth",
     "doctor": "can I trace here, and how? (probes this machine, prints fixes)",
     "plugins": "list the analysis plugins (installed and given files)",
-    "report": "analyse a recorded CSV with plugins (tables, CSV files, plots)",
+    "report": "analyse recordings (CSV, Parquet; one or many) with plugins (tables, CSVs, plots)",
     "migrate": "emulate a post-copy live migration (namespaces, veth, TBF, MINOR faults)",
     "top": "live view: latency histograms, rates, threads by stall",
     "export": "Prometheus exporter of fault metrics aggregated in BPF (a daemon for fleets)",

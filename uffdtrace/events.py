@@ -123,9 +123,14 @@ class Status:
     blocked: tuple[BlockedFault, ...]  # faults blocked now, oldest first (as of the last scan)
 
 
+def empty_frame(dtypes: dict[str, str]) -> pd.DataFrame:
+    """An empty DataFrame with these columns and dtypes."""
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
+
+
 def empty_faults(columns: dict[str, tuple[str, str]] = FAULT_COLUMNS) -> pd.DataFrame:
     """An empty batch with the right columns and dtypes."""
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, (dtype, _) in columns.items()})
+    return empty_frame({name: dtype for name, (dtype, _) in columns.items()})
 
 
 def coerce_faults(df: pd.DataFrame,

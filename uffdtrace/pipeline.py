@@ -23,6 +23,7 @@ from uffdtrace.events import (
     IOCTL_COLUMNS,
     coerce_faults,
     empty_faults,
+    empty_frame,
     empty_ioctls,
 )
 from uffdtrace.probes.paths import BASE_PAGE, PathClassifier, huge_page_size
@@ -79,10 +80,6 @@ class Batch:
     ioctls: pd.DataFrame
 
 
-def _frame(columns: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
-
-
 def _no_pending() -> pd.DataFrame:
     """Fault rows waiting: FAULT_COLUMNS and the address space (a kernel pointer: exact as
     uint64 only, so typed even when empty)."""
@@ -97,7 +94,7 @@ class Assembler:
     ioctl_counts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, errno)
     register_ranges: list[dict] = field(default_factory=list)
     vcpus: dict[int, int] = field(default_factory=dict)  # tid -> QEMU vCPU index (from QMP)
-    _exits: pd.DataFrame = field(default_factory=lambda: _frame({**EXIT_COLUMNS, **EXIT_RANGE_COLUMNS}))
+    _exits: pd.DataFrame = field(default_factory=lambda: empty_frame({**EXIT_COLUMNS, **EXIT_RANGE_COLUMNS}))
     _now: int = 0  # the newest instant seen in any record
 
     def feed(self, raw: np.ndarray) -> Batch:

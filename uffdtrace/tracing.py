@@ -13,7 +13,7 @@ from pathlib import Path
 from uffdtrace.errors import UserError
 from uffdtrace.plugins import RunContext
 from uffdtrace.probes.backends import Backend, resolve
-from uffdtrace.probes.capabilities import FIX_BCC
+from uffdtrace.probes.checks import import_bcc
 from uffdtrace.probes.tracepoint import TraceScope
 from uffdtrace.qmp import vcpu_threads
 from uffdtrace.session import Session, stop_on_signals
@@ -62,10 +62,9 @@ def plan(pids: list[int], command: list[str], all_: bool, mode: str, backend: st
     userfaultfd yet), a backend this kernel can run, and the vCPUs that QMP names."""
     if sum([bool(pids), all_, bool(command), discover]) != 1:
         raise UserError("choose exactly one target: -p PID, --all, or -- COMMAND")
-    try:
-        import bcc  # noqa: F401  (Debian's python3-bpfcc)
-    except ImportError as e:
-        raise UserError(f"cannot import bcc ({e}): {FIX_BCC}") from e
+    bcc, check = import_bcc()  # Debian's python3-bpfcc, as `doctor` checks it
+    if bcc is None:
+        raise UserError(f"{check.detail}: {check.fix}")
     pids = check_pids(pids)
     for pid in pids:
         if not uffd_inodes(pid):

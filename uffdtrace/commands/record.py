@@ -15,12 +15,11 @@ only once its footer is written, on the way out: one killed with SIGKILL or by a
 is not.
 
 modes:
-  light   tracepoints page_fault_user, sched_switch, sched_waking and rseq_update only
-          (cheapest); no ioctls or messages, so resolver, msg_ns, continue_ns, handler_ns,
-          errno and mapped stay empty, and a fault whose thread never left its CPU (its
-          page mapped before it could sleep) is not seen
-  full    adds raw syscall tracepoints for uffd ioctls and message reads: every column, and
-          one row per ioctl with --ioctls
+  light   the scheduler and fault tracepoints, and handlers' message reads (raw sys_exit);
+          no ioctls, so resolver, continue_ns, handler_ns, errno and mapped stay empty
+  full    adds raw sys_enter for every uffd ioctl: every column, and one row per ioctl with
+          --ioctls
+  (--mode stats keeps no rows: see `uffdtrace top --mode stats` and `uffdtrace export`)
 
 examples:
   uffdtrace record -o faults.csv -- uffdtrace exercise --pages 20000
