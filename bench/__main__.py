@@ -1,11 +1,13 @@
 """`python -m bench` (`make bench`): the exerciser against a minimal C loop, what tracing costs
-the workload, how closely per-fault stalls match the workload's own timings out to p99, and a
-soak for losses. Run it on a quiet machine."""
+the workload (record's modes, the exporter's stats mode, the bpftrace peer), how closely
+per-fault stalls match the workload's own timings out to p99, a soak for losses, and `report`
+over 10 M rows. Run it on a quiet machine."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 from bench import accuracy_bench, exerciser_bench, tracer_bench
@@ -17,7 +19,7 @@ TRACER_COLUMNS = ["name", "runs", "p50_us", "p99_us", "faults_per_s", "p50_ratio
 ACCURACY_COLUMNS = ["name", "runs", "gap_p50_us", "gap_p90_us", "gap_p99_us", "beyond_pct",
                     "runs_within", "entry_over_2us_pct", "exit_over_2us_pct", "exit_over_50us_pct",
                     "host_noise_pct"]
-SECTIONS = ("exerciser", "overhead", "accuracy", "soak")
+SECTIONS = ("exerciser", "overhead", "accuracy", "soak", "report")
 
 
 def main() -> int:
@@ -39,6 +41,8 @@ def main() -> int:
         verdicts += accuracy_section(args.runs)
     if "soak" in sections:
         verdicts += soak_section(args.soak_s)
+    if "report" in sections:
+        verdicts += report_section()
 
     print("\ntargets:")
     for what, ok, value in verdicts:
@@ -112,6 +116,14 @@ def accuracy_section(runs: int) -> list[Verdict]:
              f"{row['runs_within']}/{row['runs']} runs within (host: "
              f"{row['host_noise_pct']:.2f} % of plain 1 µs windows stretched > 1 µs)")
             for row in table]
+
+
+def report_section() -> list[Verdict]:
+    """`report` over a 10 M-row Parquet recording (bench/report_bench.py prints its table)."""
+    print("\nreport, 10 M rows from Parquet, default plugins", flush=True)
+    done = subprocess.run([sys.executable, "-m", "bench.report_bench"])
+    return [("report: 10 M rows from Parquet in < 30 s and < 4 GiB", done.returncode == 0,
+             "see the table above")]
 
 
 def soak_section(seconds: float) -> list[Verdict]:
