@@ -36,7 +36,12 @@ from uffdtrace.tui import StatusLine, TopApp
 from uffdtrace.tui.render import format_count, merged
 
 UFFDTRACE = Path(sys.executable).with_name("uffdtrace")
-BACKEND = resolve_backend("auto").name  # what `top` runs on this kernel by default
+
+
+@pytest.fixture(scope="module")
+def backend() -> str:
+    """What `top` runs on this kernel by default (asking needs root: only root tests use it)."""
+    return resolve_backend("auto").name
 
 
 class Exploding(Plugin):
@@ -230,11 +235,11 @@ def test_snapshot(synthetic, snap_compare, size):
 
 
 @pytest.mark.root
-def test_live_exerciser(no_leaks):
+def test_live_exerciser(no_leaks, backend):
     """A traced exerciser: the live screen shows the numbers the session counted."""
     launched = LaunchedCommand([str(UFFDTRACE), "exercise", "--pages", "20000", "--cpus", "0"])
     infos = resolve(PANEL_PLUGINS)
-    ctx = RunContext(targets=("exercise",), backend=BACKEND, mode="full", tables=False)
+    ctx = RunContext(targets=("exercise",), backend=backend, mode="full", tables=False)
     host = PluginSink(infos, ctx, tick_s=0.2, panels=True)
     session = Session("full", TraceScope(pids=(launched.pid,), follow_children=True), [host])
     try:
@@ -250,7 +255,7 @@ def test_live_exerciser(no_leaks):
             while worker.is_alive() and time.monotonic() < deadline:
                 await pilot.pause(0.2)
             await pilot.pause(0.6)  # a tick after the last batch
-            assert f"{BACKEND} backend" in str(app.query_one("#status").render())
+            assert f"{backend} backend" in str(app.query_one("#status").render())
             threads = app.boxes["blocktime.threads"].panel.views[0]
             assert sum(r[3] for r in threads.rows) == session.stats.faults
             assert session.stats.counts[("shmem", "minor")] == 20000
@@ -297,7 +302,7 @@ def run_in_terminal(argv: list[str], stop_after_s: float | None = None,
 
 @pytest.mark.parametrize("how", ["command exits", "SIGTERM"])
 @pytest.mark.root
-def test_top_command_restores_terminal(no_leaks, how):
+def test_top_command_restores_terminal(no_leaks, backend, how):
     delay = ["--delay-s", "30"] if how == "SIGTERM" else []
     code, out = run_in_terminal(
         [str(UFFDTRACE), "top", "--", str(UFFDTRACE), "exercise", "--pages", "5000", *delay],
@@ -306,11 +311,11 @@ def test_top_command_restores_terminal(no_leaks, how):
     assert "\x1b[?1049h" in out and out.rindex("\x1b[?1049l") > out.rindex("\x1b[?1049h")
     assert "tracer cost:" in out.split("\x1b[?1049l")[-1]  # printed after session.close()
     if how == "command exits":
-        assert f"5000 faults ({BACKEND} backend, full mode)" in out and "verified" in out
+        assert f"5000 faults ({backend} backend, full mode)" in out and "verified" in out
 
 
 @pytest.mark.root
-def test_top_hold_keeps_the_screen_until_q(no_leaks):
+def test_top_hold_keeps_the_screen_until_q(no_leaks, backend):
     """--hold: the traced command ends, the screen stays with the final numbers until q."""
     code, out = run_in_terminal(
         [str(UFFDTRACE), "top", "--hold", "--", str(UFFDTRACE), "exercise", "--pages", "5000"],
@@ -319,4 +324,18 @@ def test_top_hold_keeps_the_screen_until_q(no_leaks):
     assert code == 0, out[-2000:]
     screen, after = out.rsplit("\x1b[?1049l", 1)
     assert "ended, q quits" in screen and "n=5000" in screen
-    assert f"5000 faults ({BACKEND} backend, full mode)" in after and "verified" in after
+    assert f"5000 faults ({backend} backend, full mode)" in after and "verified" in after
+
+
+@pytest.mark.root
+def test_top_stats_mode(no_leaks, backend):
+    """--mode stats: the panels come from the aggregates BPF keeps (the ioctl table counts the
+    exerciser's CONTINUEs), the panels that need rows say so, the summary counts every fault."""
+    code, out = run_in_terminal(
+        [str(UFFDTRACE), "top", "--mode", "stats", "--hold", "--", str(UFFDTRACE), "exercise",
+         "--pages", "5000"],
+        answer=(("ended, q quits", "continue", "5000", "--mode light or full"), b"q"))
+    assert code == 0, out[-2000:]
+    screen, after = out.rsplit("\x1b[?1049l", 1)
+    assert "stall (in-kernel)" in screen and "faults/s by backing x kind" in screen
+    assert f"5000 faults ({backend} backend, stats mode)" in after and "verified" in after
