@@ -72,7 +72,7 @@ class Aggregates:
     aggregates. `lock` guards the series for readers on other threads (a scrape)."""
 
     def __init__(self, labels: Iterable[str], describe: Describe, comm_of: Callable[[int], str | None],
-                 max_series: int = 2000) -> None:
+                 max_series: int = 2000, vcpus: dict[int, int] | None = None) -> None:
         self.labels = tuple(labels)
         unknown = set(self.labels) - set(FAULT_LABELS)
         if unknown:
@@ -89,6 +89,7 @@ class Aggregates:
         self._labels_of: dict[bytes, tuple[str, ...]] = {}  # aggregate key -> its labels
         self._series_of: dict[bytes, tuple[str, ...]] = {}  # ... -> its series (maybe overflow)
         self._comms: dict[int, str] = {}
+        self._vcpus = vcpus or {}  # tid -> QEMU vCPU index (--qmp), before thread names
 
     def update(self, fault_keys: np.ndarray, faults: np.ndarray,
                ioctl_keys: np.ndarray, ioctls: np.ndarray) -> None:
@@ -177,9 +178,10 @@ class Aggregates:
                       ) -> tuple[str, ...]:
         pid = int(key["pid"])
         kind = STATS_KINDS.get(int(key["kind"])) or kind
-        thread = value["comm"].decode(errors="replace")
-        vcpu = VCPU_NAME.match(thread) if key["tid"] else None
-        known = {"backing": backing or "", "kind": kind or "", "vcpu": vcpu.group(1) if vcpu else ""}
+        tid = int(key["tid"])
+        named = VCPU_NAME.match(value["comm"].decode(errors="replace")) if tid else None
+        vcpu = self._vcpus.get(tid, named.group(1) if named else "") if tid else ""
+        known = {"backing": backing or "", "kind": kind or "", "vcpu": str(vcpu)}
         process = dict(zip(("comm", "pid"), self._process_labels(pid, value["comm"], ("comm", "pid")),
                            strict=True))
         return tuple({**known, **process}[name] for name in self.labels)

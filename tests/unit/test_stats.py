@@ -293,6 +293,14 @@ def test_vcpu_from_the_thread_name_when_threads_are_told_apart(tid, comm, vcpu):
     assert list(agg.faults) == [("200", vcpu)]
 
 
+def test_vcpu_from_qmp_before_the_thread_name():
+    """--qmp names vCPU threads whatever they are called (no -name debug-threads=on)."""
+    agg = Aggregates(("pid", "vcpu"), describe, COMMS.get, vcpus={7: 5})
+    read(agg, [fault(200, tid=7, comm=b"qemu-system-x86", faults=1),
+               fault(200, tid=8, comm=b"CPU 1/KVM", faults=1)])
+    assert set(agg.faults) == {("200", "5"), ("200", "1")}
+
+
 def test_comm_from_the_callback_else_the_aggregates():
     agg = aggregates(("comm", "pid", "vcpu"), comms={200: "qemu-system-x86", 300: None})
     read(agg, [fault(200, tid=201, comm=b"CPU 0/KVM", faults=1),

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     def serve(session: Session, ended) -> None:
         paths = session.backend.paths()
-        aggregates = Aggregates(args.labels, paths.of_stats_keys, process_comm, args.max_series)
+        aggregates = Aggregates(args.labels, paths.of_stats_keys, process_comm, args.max_series,
+                                the_plan.vcpus)
         feed = session.feed = StatsFeed(session.backend, aggregates, args.comm, args.interval,
                                         every_process=args.all)
         if the_plan.discover:
