@@ -80,14 +80,14 @@ _IOCTL = ("resolver", "cont_enter_ns", "cont_exit_ns", "continue_ns", "mapped", 
 _MSG = ("msg_ns", "handler_ns")
 _HOOKS = ("mfill_ns", "install_ns")
 FILLED = {
-    ("tracepoint", "light"): _TIMELINE,
+    ("tracepoint", "light"): (*_TIMELINE, "msg_ns"),  # messages are read in both modes
     ("tracepoint", "full"): (*_TIMELINE, *_IOCTL, *_MSG),
     ("kprobe", "light"): (*_TIMELINE, *_IOCTL, *_HOOKS),
     ("kprobe", "full"): (*_TIMELINE, *_IOCTL, *_MSG, *_HOOKS),
     ("fentry", "light"): (*_TIMELINE, *_IOCTL, *_HOOKS),
 }
 EMPTY = {
-    ("tracepoint", "light"): (*_IOCTL, *_MSG, *_HOOKS),
+    ("tracepoint", "light"): (*_IOCTL, "handler_ns", *_HOOKS),
     ("tracepoint", "full"): _HOOKS,
     ("kprobe", "light"): _MSG,
     ("kprobe", "full"): (),
