@@ -16,7 +16,8 @@
 //                                 backends' light mode, whose hooks see handle_userfault itself
 //   MAPPINGS_TRACEPOINT           maple_tree:ma_write exists (Linux 6.1+): mapping generations
 //   STATS_MODE                    --mode stats (with FULL_MODE): faults and ioctls are added
-//                                 to per-CPU aggregates (fault_stats, ioctl_stats), not sent
+//                                 to aggregates (fault_stats per CPU, ioctl_stats shared),
+//                                 not sent
 //   STATS_PER_THREAD              ... one aggregate per thread (the vcpu label), not per process
 //   STATS_KEYS                    ... at most this many aggregates of each kind
 //   DISCOVER_UFFDS                a process that sets up a userfaultfd (UFFDIO_API) is traced
