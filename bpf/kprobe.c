@@ -20,7 +20,7 @@ BPF_HASH(reasons_seen, struct reason_key, u64, 64);
 static __always_inline int uffd_fault(u64 reason) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    struct fault_state *st = inflight.lookup(&tid);
+    struct fault_state *st = state_of(tid);
     if (!is_active(st))
         return 0;
     st->reason = reason;
@@ -36,7 +36,7 @@ static __always_inline int uffd_fault(u64 reason) {
 
 static __always_inline int fault_path(u16 flag) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct fault_state *st = inflight.lookup(&tid);
+    struct fault_state *st = state_of(tid);
     // Before handle_userfault only: the handlers' CONTINUE looks pages up through shmem too.
     if (is_active(st) && !(st->flags & F_UFFD))
         set_flags(st, flag);

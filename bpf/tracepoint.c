@@ -30,7 +30,9 @@
 //
 // Per fault of a tracked thread T (state in `inflight`, keyed by tid; a thread's entry lives
 // from its first fault to its exit and is reused, F_ACTIVE while a fault is in flight):
-//   page_fault_user                          -> fault_ns, address, error code, comm
+//   page_fault_user                          -> fault_ns, address, error code (comm and
+//                                               address space are taken at T's first fault,
+//                                               and again when T is renamed, as exec does)
 //   sched_waking in T's context              -> T notified a handler (handle_userfault's wake_up_poll)
 //   sched_switch, T switched out             -> block_ns (asleep in handle_userfault, or preempted
 //                                               right after notifying)
@@ -86,9 +88,13 @@ struct fault_state {
     u64 reason;    // handle_userfault's reason (KPROBE_BACKEND)
     u64 sampled;   // 1 + the last 2 MiB region of T's seen in `regions` (kept across faults)
     u32 gen;       // ... under this generation of T's process's mappings
-    u64 mm;        // T's address space
+    u64 seq;       // ... checked when `mappings_changed` was this (kept across faults)
+#ifdef STATS_MODE
+    u64 path[3];   // ... whose stack's callers of handle_userfault are these (kept across faults)
+#endif
+    u64 mm;        // T's address space (kept across faults)
     u64 flags;     // F_*, changed with atomics only (several CPUs write them)
-    u32 tgid, waker_pid, waker_tid, notify_tid, notify_tgid, msg_tid;
+    u32 tgid, waker_pid, waker_tid, notify_tid, msg_tid;
     u8 ioctl_nr;
     char comm[16];
 };
@@ -99,6 +105,7 @@ struct ioctl_state {
     u32 cmd, woken;
     u16 flags;
     u8 install_depth;
+    char comm[16];  // the thread's name, taken at its first uffd ioctl and on task_rename
 };
 
 struct region_key { u32 tgid; u32 gen; u64 region; };
@@ -112,6 +119,9 @@ BPF_TABLE("lru_hash", struct region_key, struct region_stack, regions, 65536);
 // tgid -> generation of its mappings: bumped when they change, so that a region mapped anew
 // (other memory at the same addresses) is sampled anew.
 BPF_TABLE("lru_hash", u32, u32, mapping_gen, 65536);
+// Bumped with any traced process's generation: while it stays put, a thread's region is
+// known to be sampled without a `mapping_gen` lookup.
+BPF_ARRAY(mappings_changed, u64, 1);
 BPF_HISTOGRAM(stall_hist, int, 64);                     // log2 us buckets, QEMU-style
 BPF_HISTOGRAM(continue_hist, int, 64);
 BPF_HASH(uffd_events, u64, u64, 4096);                  // (tgid << 32 | event) -> count (TRACE_READS)
@@ -129,6 +139,26 @@ BPF_PERCPU_ARRAY(blank_stats, struct fault_stats, 1);  // zeroes to insert (too 
 struct comm { char comm[16]; };
 BPF_HASH(discovered_comms, u32, struct comm, 65536);  // tgid -> its name when discovered
 #endif
+
+// Which threads may have an `inflight` entry, one bit per tid (PID_MAX_LIMIT is 2^22): set
+// when the entry is made, cleared at the thread's exit. Scheduler events of every other task
+// stop at their bit, before any hash lookup. (A bit left set, as user space's untrack leaves
+// it, costs a lookup, nothing more.)
+#define TID_WORDS ((1 << 22) / 64)
+BPF_ARRAY(has_state, u64, TID_WORDS);
+
+static __always_inline u64 *state_word(u32 tid) {
+    u32 word = tid / 64;
+    return has_state.lookup(&word);
+}
+
+// The fault state of thread tid, if it has one.
+static __always_inline struct fault_state *state_of(u32 tid) {
+    u64 *bits = state_word(tid);
+    if (!bits || !(*bits & (1ULL << (tid % 64))))
+        return NULL;
+    return inflight.lookup(&tid);
+}
 
 static __always_inline void count_lost(int reason) {
     u64 *n = lost.lookup(&reason);
@@ -170,22 +200,24 @@ BPF_HASH(handler_of, u32, u32, 65536);
 #endif
 
 #ifndef TRACE_ALL
-// A process handling a fault of process `of` becomes traced. (lookup_or_try_init looks up
-// first: an insert takes the bucket lock even when the key is there.)
+// A process handling a fault of process `of` becomes traced. (Looked up before any insert: an
+// insert takes the bucket lock even when the key is there.)
 static __always_inline void track_handler(u32 tgid, u32 of) {
+    if (tgid == of || tracked.lookup(&tgid))
+        return;  // traced already (a thread of the same process, most often)
     u8 *role = tracked.lookup(&of);
     if (!role)
         return;  // `of` is not traced (any more): a fault still in flight when it was let go
 #ifdef DISCOVER_UFFDS
     if (*role == ROLE_DISCOVERED) {
         u8 pending = ROLE_PENDING_HANDLER;
-        if (!tracked.lookup(&tgid) && !tracked.insert(&tgid, &pending))
+        if (!tracked.insert(&tgid, &pending))
             handler_of.update(&tgid, &of);
         return;
     }
 #endif
     u8 handler = ROLE_HANDLER;
-    tracked.lookup_or_try_init(&tgid, &handler);
+    tracked.insert(&tgid, &handler);  // no-op if another CPU just did
 }
 #endif
 
@@ -218,6 +250,24 @@ static __always_inline u64 uffd_mm(u64 ctx) {
     return ctx ? read_ptr((void *)ctx, UCTX_MM_OFF) : 0;
 }
 
+// Two 8-byte fields of one kernel object at offsets a and b: one probe read when b is close after a
+// (a probe read costs as much as a hash lookup here). a and b are compile-time constants.
+static __always_inline void read_two(void *base, int a, int b, u64 *va, u64 *vb) {
+    if (a < b && b - a < 64 && (b - a) % 8 == 0) {
+        u64 span[8] = {};
+        bpf_probe_read_kernel(span, b - a + 8, (char *)base + a);
+        *va = span[0];
+        *vb = span[(b - a) / 8];
+    } else {
+        *va = read_ptr(base, a);
+        *vb = read_ptr(base, b);
+    }
+}
+
+// userfaultfd_fops, once a file has shown it is a uffd's (not in kallsyms without
+// CONFIG_KALLSYMS_ALL): then a file is known by its f_op alone.
+BPF_ARRAY(uffd_fops, u64, 1);
+
 // The userfaultfd context behind the current task's fd, or 0 when fd is not a userfaultfd:
 // asked of the kernel at each use, so closed, reused, dup'ed, inherited and received fds are
 // all seen as they are now.
@@ -226,17 +276,25 @@ static __always_inline u64 uffd_of_fd(u32 fd) {
     void *fdt = (void *)read_ptr((void *)read_ptr(task, TASK_FILES_OFF), FILES_FDT_OFF);
     if (!fdt)
         return 0;
-    u32 max_fds = 0;
-    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), (char *)fdt + FDT_MAX_FDS_OFF);
-    if (fd >= max_fds)
+    u64 max_fds, fds;  // max_fds is an unsigned int: the low half of its 8 bytes
+    read_two(fdt, FDT_MAX_FDS_OFF, FDT_FD_OFF, &max_fds, &fds);
+    if (fd >= (u32)max_fds)
         return 0;
-    void *file = (void *)read_ptr((void *)read_ptr(fdt, FDT_FD_OFF), fd * 8);
+    void *file = (void *)read_ptr((void *)fds, fd * 8);
     if (!file)
         return 0;
-    u64 fops = read_ptr(file, FILE_F_OP_OFF);
-    if (!fops || read_ptr((void *)fops, FOPS_IOCTL_OFF) != UIOCTL_START)
+    u64 fops, private;
+    read_two(file, FILE_F_OP_OFF, FILE_PRIVATE_OFF, &fops, &private);
+    int zero = 0;
+    u64 *known = uffd_fops.lookup(&zero);
+    if (!fops || !known)
         return 0;
-    return read_ptr(file, FILE_PRIVATE_OFF);
+    if (fops != *known) {
+        if (read_ptr((void *)fops, FOPS_IOCTL_OFF) != UIOCTL_START)
+            return 0;
+        *known = fops;
+    }
+    return private;
 }
 
 static __always_inline void emit_fault(struct fault_state *st, u32 pid, u32 tid, bool returning);
@@ -298,7 +356,7 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     // A thread with an entry is tracked: one lookup for the common case.
-    struct fault_state *prev = inflight.lookup(&tid);
+    struct fault_state *prev = state_of(tid);
     if (!prev && !is_tracked(id >> 32))
         return 0;
     struct fault_state st = {.fault_ns = bpf_ktime_get_ns(), .flags = F_ACTIVE};
@@ -307,18 +365,30 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
             emit_fault(prev, id >> 32, tid, false);  // a new fault: the last one has certainly ended
         st.sampled = prev->sampled;
         st.gen = prev->gen;
+        st.seq = prev->seq;
+#ifdef STATS_MODE
+        __builtin_memcpy(st.path, prev->path, sizeof(st.path));
+#endif
+        __builtin_memcpy(st.comm, prev->comm, sizeof(st.comm));  // kept up by task_rename
+        st.mm = prev->mm;
+    } else {
+        bpf_get_current_comm(&st.comm, sizeof(st.comm));
+        st.mm = read_ptr((void *)bpf_get_current_task(), TASK_MM_OFF);
     }
     st.tgid = id >> 32;
     st.addr = ctx->args[0];
     st.error_code = ctx->args[2];
     st.regs = ctx->args[1];
     bpf_probe_read_kernel(&st.ip, sizeof(st.ip), &((struct pt_regs *)st.regs)->ip);
-    st.mm = read_ptr((void *)bpf_get_current_task(), TASK_MM_OFF);
-    bpf_get_current_comm(&st.comm, sizeof(st.comm));
-    if (prev)
+    if (prev) {
         *prev = st;  // in place: no map update on the hot path
-    else if (inflight.update(&tid, &st))
+        return 0;
+    }
+    u64 *bits = state_word(tid);
+    if (inflight.update(&tid, &st))
         count_lost(LOST_INFLIGHT_FULL);
+    else if (bits)
+        __sync_fetch_and_or(bits, 1ULL << (tid % 64));
     return 0;
 }
 
@@ -357,13 +427,21 @@ static __always_inline int huf_frame(u64 *stack, int n) {
 // Make sure T's fault region has a sampled stack; in T's context, inside its fault. st->gen and
 // st->sampled name a `regions` entry that exists (the record's key), or are left as they were.
 static __always_inline void sample_region(void *ctx, struct fault_state *st) {
+    u64 region = st->addr >> 21;
+    int zero = 0;
+    u64 *changed = mappings_changed.lookup(&zero);
+    u64 seq = changed ? *changed : 0;
+    if (st->sampled == region + 1 && st->seq == seq)
+        return;  // no process's mappings changed since T's region was checked
     u32 *current_gen = mapping_gen.lookup(&st->tgid);
     u32 gen = current_gen ? *current_gen : 0;
-    u64 region = st->addr >> 21;
-    if (st->sampled == region + 1 && st->gen == gen)
+    if (st->sampled == region + 1 && st->gen == gen) {
+        st->seq = seq;
         return;
+    }
     struct region_key key = {.tgid = st->tgid, .gen = gen, .region = region};
-    if (!regions.lookup(&key)) {
+    struct region_stack *found_rs = regions.lookup(&key);
+    if (!found_rs) {
         u64 stack[STACK_FRAMES] = {};
         int n = kernel_stack(ctx, stack, STACK_FRAMES);
         int found = huf_frame(stack, n);
@@ -378,9 +456,17 @@ static __always_inline void sample_region(void *ctx, struct fault_state *st) {
         }
         if (regions.update(&key, &rs))
             return;
+#ifdef STATS_MODE
+        __builtin_memcpy(st->path, rs.frames, sizeof(st->path));
+#endif
+    } else {
+#ifdef STATS_MODE
+        __builtin_memcpy(st->path, found_rs->frames, sizeof(st->path));
+#endif
     }
     st->gen = gen;
     st->sampled = region + 1;
+    st->seq = seq;
 }
 
 // The end of st's stall. `returning`: T is on its way back to user space now; taken after the
@@ -412,13 +498,8 @@ static __always_inline void fault_stats_key(struct fault_state *st, u32 pid, u32
     key->path[0] = st->reason;
     key->hooks = st->flags & (F_UFFD | F_HUGETLB | F_SHMEM);
 #else
-    struct region_key region = {.tgid = st->tgid, .gen = st->gen, .region = st->addr >> 21};
-    struct region_stack *rs = regions.lookup(&region);
-    if (rs) {
-        key->path[0] = rs->frames[0];
-        key->path[1] = rs->frames[1];
-        key->path[2] = rs->frames[2];
-    }
+    if (st->sampled == (st->addr >> 21) + 1)  // the path sampled for this fault's region
+        __builtin_memcpy(key->path, st->path, sizeof(key->path));
 #endif
     if (st->flags & F_MSG)
         key->kind = st->msg_flags & UFFD_PAGEFAULT_FLAG_MINOR ? KIND_MINOR
@@ -503,7 +584,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     // Only tracked threads have in-flight state, so one lookup filters both prev and next.
     u64 id = bpf_get_current_pid_tgid();
     u32 prev_tid = (u32)id;
-    struct fault_state *st = inflight.lookup(&prev_tid);
+    struct fault_state *st = state_of(prev_tid);
     if (is_active(st)) {
         if (!still_in_fault(st)) {
             // The fault has ended (T is off CPU for something else now).
@@ -523,13 +604,6 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
             bool uffd_state = (ctx->args[3] & 0xff) == TASK_INTERRUPTIBLE;
             bool slept = uffd_state && !ctx->args[0];
             if (uffd_state) {
-#ifndef TRACE_ALL
-                // Notified, then off the CPU in handle_userfault's state: the task it woke
-                // is this uffd's handler. Trace its process from now on (its read and
-                // ioctl of this very fault included), wherever it lives.
-                if ((st->flags & F_NOTIFIED) && st->notify_tgid)
-                    track_handler(st->notify_tgid, st->tgid);
-#endif
                 if (!st->block_ns)
                     st->block_ns = bpf_ktime_get_ns();
                 set_flags(st, slept ? F_BLOCKED | F_SLEPT : F_BLOCKED);
@@ -543,7 +617,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     }
     struct task_struct *next = (struct task_struct *)ctx->args[2];
     u32 next_tid = task_field(next, TASK_PID_OFF);
-    st = inflight.lookup(&next_tid);
+    st = state_of(next_tid);
     if (!is_active(st))
         return 0;
     if (st->flags & F_OTHER_SLEEP)
@@ -638,19 +712,26 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 
     // T waking a task from inside its fault: handle_userfault notifying a handler, which
     // sleeps interruptibly in read or poll (a kworker woken by I/O the fault issued is idle).
-    struct fault_state *me = inflight.lookup(&cur_tid);
+    struct fault_state *me = state_of(cur_tid);
     if (is_active(me) && !(me->flags & (F_NOTIFIED | F_BLOCKED | F_WOKEN)) && still_in_fault(me) &&
-        (task_field(p, TASK_STATE_OFF) & 0xff) == TASK_INTERRUPTIBLE &&
-        is_notify(ctx, task_field(p, TASK_TGID_OFF))) {
-        me->notify_tid = p_tid;
-        me->notify_tgid = task_field(p, TASK_TGID_OFF);
-        set_flags(me, F_NOTIFIED);
-#ifndef KPROBE_BACKEND
-        sample_region(ctx, me);  // keeps it only if in handle_userfault
+        (task_field(p, TASK_STATE_OFF) & 0xff) == TASK_INTERRUPTIBLE) {
+        u32 p_tgid = task_field(p, TASK_TGID_OFF);
+        if (is_notify(ctx, p_tgid)) {
+            me->notify_tid = p_tid;
+            set_flags(me, F_NOTIFIED);
+#ifndef TRACE_ALL
+            // The task waiting for this uffd's messages: its handler. Its process is traced
+            // from this instant, before the handler can run (its read and ioctl of this very
+            // fault included), wherever it lives.
+            track_handler(p_tgid, me->tgid);
 #endif
+#ifndef KPROBE_BACKEND
+            sample_region(ctx, me);  // keeps it only if in handle_userfault
+#endif
+        }
     }
 
-    struct fault_state *st = inflight.lookup(&p_tid);
+    struct fault_state *st = state_of(p_tid);
     if (!is_active(st) || (st->flags & F_WOKEN))
         return 0;
     // Woken in the fault: after a block we saw, or (no switch-out yet) from handle_userfault's
@@ -698,7 +779,7 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 RAW_TRACEPOINT_PROBE(rseq_update) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    struct fault_state *st = inflight.lookup(&tid);
+    struct fault_state *st = state_of(tid);
     // Woken and now back in user space. (Rarely no switch-in of T was seen after its wakeup,
     // about once in a million faults here: the fault still ends here, without resume_ns.)
     if (!is_active(st) || !(st->flags & F_WOKEN))
@@ -720,6 +801,10 @@ RAW_TRACEPOINT_PROBE(ma_write) {
     u32 *gen = mapping_gen.lookup_or_try_init(&tgid, &first);
     if (gen)
         __sync_fetch_and_add(gen, 1);
+    int zero = 0;
+    u64 *changed = mappings_changed.lookup(&zero);
+    if (changed)
+        __sync_fetch_and_add(changed, 1);  // after the generation: a reader of both is never stale
     return 0;
 }
 #endif
@@ -755,7 +840,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork) {
 RAW_TRACEPOINT_PROBE(sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    struct fault_state *st = inflight.lookup(&tid);
+    struct fault_state *st = state_of(tid);
     if (is_active(st)) {
         // Still inside the fault (it never returned to user space): whatever woke T (a fatal
         // signal, the process's exit) did not resolve it, even if it ran again.
@@ -769,9 +854,35 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
             emit_fault(st, id >> 32, tid, false);
         }
     }
-    inflight.delete(&tid);
+    if (st) {
+        inflight.delete(&tid);
+        u64 *bits = state_word(tid);
+        if (bits)
+            __sync_fetch_and_and(bits, ~(1ULL << (tid % 64)));
+    }
 #ifdef TRACK_IOCTLS
     ioctls.delete(&tid);
+#endif
+    return 0;
+}
+
+// (struct task_struct *task, const char *comm): a thread renamed (prctl, its /proc comm file,
+// exec), in whichever task's context did it. Its per-thread states keep its name for the
+// records, and its address space: exec renames the thread after it replaced that.
+RAW_TRACEPOINT_PROBE(task_rename) {
+    struct task_struct *task = (struct task_struct *)ctx->args[0];
+    u32 tid = task_field(task, TASK_PID_OFF);
+    char name[16] = {};  // NUL-padded, as bpf_get_current_comm gives it
+    bpf_probe_read_kernel_str(name, sizeof(name), (void *)ctx->args[1]);
+    struct fault_state *st = state_of(tid);
+    if (st) {
+        __builtin_memcpy(st->comm, name, sizeof(name));
+        st->mm = read_ptr(task, TASK_MM_OFF);
+    }
+#ifdef TRACK_IOCTLS
+    struct ioctl_state *io = ioctls.lookup(&tid);
+    if (io)
+        __builtin_memcpy(io->comm, name, sizeof(name));
 #endif
     return 0;
 }
@@ -795,10 +906,14 @@ static __always_inline void enter_ioctl(u32 tid, u32 cmd, u64 arg, u64 ctx) {
         io.len = a[1];
         io.mode = a[2];
     }
-    struct ioctl_state *slot = ioctls.lookup_or_try_init(&tid, &io);
-    if (slot)
+    struct ioctl_state *slot = ioctls.lookup(&tid);
+    if (slot) {
+        __builtin_memcpy(io.comm, slot->comm, sizeof(io.comm));
         *slot = io;  // reused in place
-    else
+        return;
+    }
+    bpf_get_current_comm(&io.comm, sizeof(io.comm));
+    if (ioctls.update(&tid, &io))
         count_lost(LOST_IOCTL_FULL);
 }
 
@@ -820,7 +935,7 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     struct ioctl_stats *v = ioctl_stats.lookup(&key);
     if (!v) {
         struct ioctl_stats blank = {};
-        bpf_get_current_comm(&blank.comm, sizeof(blank.comm));
+        __builtin_memcpy(blank.comm, io->comm, sizeof(blank.comm));
         ioctl_stats.insert(&key, &blank);
         v = ioctl_stats.lookup(&key);
         if (!v) {
@@ -851,7 +966,7 @@ static __always_inline void exit_ioctl(u32 tgid, u32 tid, struct ioctl_state *io
     e->ret = ret;
     e->mapped = mapped;
     e->mm = io->mm;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    __builtin_memcpy(e->comm, io->comm, sizeof(e->comm));
     events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 #endif
@@ -917,7 +1032,7 @@ static __always_inline void take_msg(u32 tgid, u32 tid, u64 now, u64 mm, u64 *m)
         return;
     }
     u32 ptid = (u32)m[3];
-    struct fault_state *st = ptid ? inflight.lookup(&ptid) : NULL;
+    struct fault_state *st = ptid ? state_of(ptid) : NULL;
     if (is_active(st) && !st->msg_ns && st->mm == mm && msg_names(st, m[2])) {
         st->msg_ns = now;
         st->msg_flags = m[1];
@@ -950,27 +1065,39 @@ static __always_inline void exit_read(u32 tgid, u32 tid, u64 buf, u64 uffd, long
 
 // (struct pt_regs *regs, long ret): a uffd ioctl's return (FULL_MODE), or a read that returned
 // messages. The saved registers still hold the syscall's number and arguments.
+// Every syscall of every task comes here: what is not ours is sent away before any map lookup.
 RAW_TRACEPOINT_PROBE(sys_exit) {
+    long ret = ctx->args[1];
+#if defined(FULL_MODE) && !defined(IOCTL_KPROBE)
+#define EXIT_IOCTLS
+#else
+    if (ret < 32)
+        return 0;  // not a read that returned a message
+#endif
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    u64 si_di_nr[3] = {};  // the second and first arguments and orig_ax, adjacent in pt_regs
+    bpf_probe_read_kernel(si_di_nr, sizeof(si_di_nr), &regs->si);
+    bool read = si_di_nr[2] == SYSCALL_READ && ret >= 32;
+#ifdef EXIT_IOCTLS
+    if (!read && si_di_nr[2] != SYSCALL_IOCTL)
+        return 0;
+#else
+    if (!read)
+        return 0;
+#endif
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     if (!is_tracked(tgid))
         return 0;
     u32 tid = (u32)id;
-    long ret = ctx->args[1];
-#if defined(FULL_MODE) && !defined(IOCTL_KPROBE)
-    struct ioctl_state *io = ioctl_in_flight(tid);
-    if (io) {
-        exit_ioctl(tgid, tid, io, ret);
+#ifdef EXIT_IOCTLS
+    if (!read) {
+        struct ioctl_state *io = ioctl_in_flight(tid);
+        if (io)
+            exit_ioctl(tgid, tid, io, ret);
         return 0;
     }
 #endif
-    if (ret < 32)
-        return 0;  // not a read that returned a message
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    u64 si_di_nr[3] = {};  // the second and first arguments and orig_ax, adjacent in pt_regs
-    bpf_probe_read_kernel(si_di_nr, sizeof(si_di_nr), &regs->si);
-    if (si_di_nr[2] != SYSCALL_READ)
-        return 0;
     u64 uffd = uffd_of_fd((u32)si_di_nr[1]);
     if (uffd)
         exit_read(tgid, tid, si_di_nr[0], uffd, ret);

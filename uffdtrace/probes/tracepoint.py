@@ -48,6 +48,7 @@ TRACEPOINTS: dict[str, tuple[str, ...]] = {
     "rseq:rseq_update": MODES,
     "sched:sched_process_fork": MODES,
     "sched:sched_process_exit": MODES,
+    "task:task_rename": MODES,
     "maple_tree:ma_write": MODES,
     "raw_syscalls:sys_enter": ("full", "stats"),
     "raw_syscalls:sys_exit": MODES,
