@@ -268,6 +268,14 @@ def group_members(pgid: int) -> set[int]:
     return members
 
 
+def build_c(tmp_path_factory: pytest.TempPathFactory, source: str, name: str) -> Path:
+    """tests/SOURCE compiled (cc -O2 -pthread) as NAME, which its processes are called."""
+    binary = tmp_path_factory.mktemp(name) / name
+    subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name(source))],
+                   check=True)
+    return binary
+
+
 def wait_until(done: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05) -> object:
     """done()'s first true value, polled until a generous `timeout_s`; fails naming `what`."""
     deadline = time.monotonic() + timeout_s

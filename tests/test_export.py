@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import read_stderr_until, reaped
+from tests.conftest import build_c, read_stderr_until, reaped
 from tests.prometheus import Prometheus, free_port
 from uffdtrace.dashboard import panel_queries
 
@@ -48,10 +48,7 @@ def named_exerciser(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def flood(tmp_path_factory) -> Path:
-    binary = tmp_path_factory.mktemp("flood") / FLOOD
-    subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name("flood.c"))],
-                   check=True)
-    return binary
+    return build_c(tmp_path_factory, "flood.c", FLOOD)
 
 
 @contextmanager

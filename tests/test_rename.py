@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import build_c
+
 pytestmark = [pytest.mark.root]
 
 UFFDTRACE = [sys.executable, "-m", "uffdtrace"]
@@ -20,10 +22,7 @@ NAME = "uffdx-rename"
 
 @pytest.fixture(scope="module")
 def renamer(tmp_path_factory) -> Path:
-    binary = tmp_path_factory.mktemp("rename") / NAME
-    subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name("rename.c"))],
-                   check=True)
-    return binary
+    return build_c(tmp_path_factory, "rename.c", NAME)
 
 
 @pytest.mark.parametrize("mode", ["light", "full"])
