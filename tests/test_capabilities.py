@@ -220,3 +220,16 @@ def test_attempt_captures_c_level_stderr(capfd: pytest.CaptureFixture[str]) -> N
     assert checks.attempt(noisy_failure) == (None, "load refused [libbpf: something failed]")
     assert checks.attempt(lambda: 42) == (42, "")
     assert capfd.readouterr().err == ""
+
+
+def test_struct_offsets_agree_with_bpftool():
+    """The BTF walk that start-up uses against bpftool's own reading of the running kernel."""
+    from uffdtrace.probes.kernel import _btf_dump, struct_member_offsets
+    from uffdtrace.probes.tracepoint import KERNEL_OFFSETS
+
+    dump = _btf_dump()
+    for struct_name, member in KERNEL_OFFSETS.values():
+        header = dump.index(f"] STRUCT '{struct_name}' size=")
+        body = dump[header:].split("\n[", 1)[0]
+        bits = body.split(f"\n\t'{member}' type_id=", 1)[1].split("bits_offset=", 1)[1].split()[0]
+        assert struct_member_offsets(struct_name, (member,)) == {member: int(bits) // 8}

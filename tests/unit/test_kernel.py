@@ -1,31 +1,78 @@
-"""Struct offsets from a BTF dump (no kernel needed)."""
+"""Struct offsets from raw BTF (no kernel needed): a blob built here, laid out as uapi/linux/btf.h
+says, with the cases vmlinux has: other kinds before the struct, an anonymous union first (as
+Linux 6.1's struct file), and bitfield offsets (kind_flag)."""
 
 from __future__ import annotations
+
+import struct
 
 import pytest
 
 from uffdtrace.errors import UserError
 from uffdtrace.probes import kernel
 
-# bpftool's raw format, as Linux 6.1 lays out struct file: an anonymous union comes first.
-DUMP = """[1] INT 'int' size=4 bits_offset=0 nr_bits=32 encoding=SIGNED
-[718] STRUCT 'file' size=232 vlen=4
-\t'(anon)' type_id=719 bits_offset=0
-\t'f_path' type_id=400 bits_offset=128
-\t'f_op' type_id=1183 bits_offset=384
-\t'private_data' type_id=81 bits_offset=1600
-[719] UNION '(anon)' size=16 vlen=1
-\t'f_llist' type_id=500 bits_offset=0
-"""
+INT, PTR, ARRAY, STRUCT, UNION, FUNC_PROTO = 1, 2, 3, 4, 5, 13
 
 
-def test_members_after_an_anonymous_member(monkeypatch):
-    monkeypatch.setattr(kernel, "_btf_dump", lambda: DUMP)
-    offsets = kernel.struct_member_offsets.__wrapped__("file", ("f_op", "private_data"))
-    assert offsets == {"f_op": 48, "private_data": 200}
+class Blob:
+    """A BTF blob: header, types, strings."""
+
+    def __init__(self) -> None:
+        self.types, self.strings = b"", b"\0"
+
+    def name(self, text: str) -> int:
+        if not text:
+            return 0
+        at = self.strings.find(b"\0" + text.encode() + b"\0")
+        if at >= 0:
+            return at + 1
+        self.strings += text.encode() + b"\0"
+        return len(self.strings) - len(text) - 1
+
+    def add(self, kind: int, name: str, items: list[bytes] = (), extra: bytes = b"",
+            kind_flag: bool = False) -> None:
+        info = kind << 24 | len(items) | kind_flag << 31
+        self.types += struct.pack("<III", self.name(name), info, 0) + extra + b"".join(items)
+
+    def member(self, name: str, bits: int) -> bytes:
+        return struct.pack("<III", self.name(name), 1, bits)
+
+    def bytes(self) -> bytes:
+        header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types), len(self.types),
+                             len(self.strings))
+        return header + self.types + self.strings
+
+
+def vmlinux_like() -> bytes:
+    b = Blob()
+    b.add(INT, "int", extra=struct.pack("<I", 32))
+    b.add(PTR, "")
+    b.add(ARRAY, "", extra=struct.pack("<III", 1, 1, 4))
+    b.add(FUNC_PROTO, "", [struct.pack("<II", 0, 1)] * 2)
+    b.add(UNION, "", [b.member("f_llist", 0)])
+    b.add(STRUCT, "file", [b.member("", 0), b.member("f_path", 128), b.member("f_op", 384),
+                           b.member("private_data", 1600)])
+    b.add(STRUCT, "task_struct", [b.member("__state", 192), b.member("pid", 3 << 24 | 10112)],
+          kind_flag=True)
+    return b.bytes()
+
+
+def test_members_after_other_kinds_and_an_anonymous_member():
+    assert kernel.btf_struct_members(vmlinux_like(), "file") == {
+        "(anon)": 0, "f_path": 16, "f_op": 48, "private_data": 200}
+
+
+def test_bitfield_offsets_drop_their_size():
+    assert kernel.btf_struct_members(vmlinux_like(), "task_struct") == {"__state": 24, "pid": 1264}
+
+
+def test_a_name_that_is_no_struct():
+    assert kernel.btf_struct_members(vmlinux_like(), "f_op") is None
+    assert kernel.btf_struct_members(vmlinux_like(), "mm_struct") is None
 
 
 def test_a_missing_member_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(kernel, "_btf_dump", lambda: DUMP)
+    monkeypatch.setattr(kernel, "_vmlinux_btf", vmlinux_like)
+    assert kernel.struct_member_offsets.__wrapped__("file", ("f_op",)) == {"f_op": 48}
     with pytest.raises(UserError, match=r"struct file has no member\(s\) f_count in BTF"):
         kernel.struct_member_offsets.__wrapped__("file", ("f_count",))

@@ -11,6 +11,7 @@ import bisect
 import functools
 import os
 import re
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,21 +95,57 @@ def btf_function_arity() -> dict[str, int]:
             if m[2] in arity and m[1] not in hidden}
 
 
+# struct btf_header and struct btf_type, and what follows a type of each kind (uapi/linux/btf.h)
+_BTF_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str off & len
+_BTF_TYPE = struct.Struct("<III")  # name_off, info (kind << 24 | vlen, kind_flag << 31), size
+_BTF_MEMBER = struct.Struct("<III")  # name_off, type, offset (in bits)
+BTF_KIND_STRUCT = 4
+_BTF_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}  # INT, ARRAY, VAR, DECL_TAG: bytes after the type
+_BTF_ITEMS = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT .. ENUM64: bytes per vlen item
+
+
+def btf_struct_members(btf: bytes, name: str) -> dict[str, int] | None:
+    """Byte offsets of the direct members of struct `name` in a raw BTF blob ('(anon)' for
+    unnamed ones), or None. One walk over the types, stopping at the struct: much faster than
+    bpftool's text dump of all of vmlinux, which start-up cannot afford."""
+    _, _, _, hdr_len, type_off, type_len, str_off, str_len = _BTF_HEADER.unpack_from(btf)
+    strings = btf[hdr_len + str_off : hdr_len + str_off + str_len]
+    at = strings.find(b"\0" + name.encode() + b"\0")  # names are deduplicated: one offset each
+    if at < 0:
+        return None
+    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+    while pos < end:
+        name_off, info, _ = _BTF_TYPE.unpack_from(btf, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        pos += _BTF_TYPE.size
+        if kind == BTF_KIND_STRUCT and name_off == at + 1:
+            members = {}
+            for i in range(vlen):
+                m_name, _, bits = _BTF_MEMBER.unpack_from(btf, pos + i * _BTF_MEMBER.size)
+                if info >> 31:  # kind_flag: a bitfield size in the offset's top byte
+                    bits &= 0xFFFFFF
+                label = strings[m_name : strings.index(b"\0", m_name)].decode() or "(anon)"
+                members[label] = bits // 8
+            return members
+        pos += _BTF_ITEMS.get(kind, 0) * vlen + _BTF_FIXED.get(kind, 0)
+    return None
+
+
 @functools.cache
-def struct_member_offsets(struct: str, members: tuple[str, ...]) -> dict[str, int]:
-    """Byte offsets of `members` in `struct`, from the running kernel's BTF (via bpftool)."""
-    dump = _btf_dump()
-    start = re.search(rf"^\[\d+\] STRUCT '{re.escape(struct)}' size=\d+ vlen=\d+$", dump, re.M)
-    if not start:
-        raise UserError(f"struct {struct} not found in kernel BTF")
-    offsets: dict[str, int] = {}
-    for line in dump[start.end() + 1 :].splitlines():
-        m = re.match(r"\s+'([\w()]+)' type_id=\d+ bits_offset=(\d+)", line)  # '(anon)' too
-        if not m:
-            break
-        if m[1] in members:
-            offsets[m[1]] = int(m[2]) // 8
-    missing = set(members) - offsets.keys()
+def _vmlinux_btf() -> bytes:
+    try:
+        return VMLINUX_BTF.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{VMLINUX_BTF} is missing: the kernel was built without BTF") from None
+
+
+@functools.cache
+def struct_member_offsets(struct_name: str, members: tuple[str, ...]) -> dict[str, int]:
+    """Byte offsets of `members` in `struct_name`, from the running kernel's BTF."""
+    found = btf_struct_members(_vmlinux_btf(), struct_name)
+    if found is None:
+        raise UserError(f"struct {struct_name} not found in kernel BTF")
+    missing = set(members) - found.keys()
     if missing:
-        raise UserError(f"struct {struct} has no member(s) {', '.join(sorted(missing))} in BTF")
-    return offsets
+        raise UserError(f"struct {struct_name} has no member(s) {', '.join(sorted(missing))} in BTF")
+    return {m: found[m] for m in members}
