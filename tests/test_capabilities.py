@@ -222,14 +222,21 @@ def test_attempt_captures_c_level_stderr(capfd: pytest.CaptureFixture[str]) -> N
     assert capfd.readouterr().err == ""
 
 
-def test_struct_offsets_agree_with_bpftool():
-    """The BTF walk that start-up uses against bpftool's own reading of the running kernel."""
-    from uffdtrace.probes.kernel import _btf_dump, struct_member_offsets
+def test_btf_reading_agrees_with_bpftool():
+    """The BTF walk that start-up uses against bpftool's own reading of the running kernel:
+    the struct offsets BPF reads at, and the functions' arities fentry needs."""
+    from uffdtrace.probes import kernel
     from uffdtrace.probes.tracepoint import KERNEL_OFFSETS
 
-    dump = _btf_dump()
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", str(kernel.VMLINUX_BTF), "format", "raw"],
+                          capture_output=True, text=True, check=True).stdout
     for struct_name, member in KERNEL_OFFSETS.values():
         header = dump.index(f"] STRUCT '{struct_name}' size=")
         body = dump[header:].split("\n[", 1)[0]
         bits = body.split(f"\n\t'{member}' type_id=", 1)[1].split("bits_offset=", 1)[1].split()[0]
-        assert struct_member_offsets(struct_name, (member,)) == {member: int(bits) // 8}
+        assert kernel.struct_member_offsets(struct_name, (member,)) == {member: int(bits) // 8}
+    arity = kernel.Btf(kernel.VMLINUX_BTF.read_bytes()).function_arity()
+    for name in ("handle_userfault", "userfaultfd_ioctl", "hugetlb_mfill_atomic_pte"):
+        proto = dump.split(f"] FUNC '{name}' type_id=", 1)[1].split()[0]
+        vlen = dump.split(f"\n[{proto}] FUNC_PROTO ", 1)[1].split("vlen=", 1)[1].split()[0]
+        assert arity[name] == int(vlen)

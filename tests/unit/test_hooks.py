@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.unit.btf_blob import FUNC, FUNC_PROTO, INT, Blob
 from tests.unit.test_records import TYPEDEFS
 from uffdtrace.errors import UserError
 from uffdtrace.probes import hooks, kernel, kprobe
@@ -328,25 +330,23 @@ def test_fentry_backend_without_the_fault_hook_refuses(monkeypatch):
         backend(FentryBackend, bpf=FakeBPF()).attach()
 
 
-BTF_DUMP = """\
-[1] INT 'int' size=4 bits_offset=0 nr_bits=32 encoding=SIGNED
-[10] FUNC_PROTO '(anon)' ret_type_id=1 vlen=2
-\t'vmf' type_id=20
-\t'reason' type_id=21
-[11] FUNC 'handle_userfault' type_id=10 linkage=static
-[12] FUNC_PROTO '(anon)' ret_type_id=1 vlen=8
-\t'dst_pte' type_id=22
-[13] FUNC 'hugetlb_mcopy_atomic_pte' type_id=12 linkage=static
-[14] FUNC 'shmem_fault' type_id=15 linkage=static
-[15] FUNC_PROTO '(anon)' ret_type_id=1 vlen=1
-\t'vmf' type_id=20
-[16] FUNC 'hidden_function' type_id=15 linkage=static
-[17] FUNC 'no_proto' type_id=99 linkage=static
-"""
+def functions_blob() -> kernel.Btf:
+    """Prototypes with 2, 8 and 1 arguments, and a FUNC whose prototype is not there."""
+    b = Blob()
+    b.add(INT, "int", extra=struct.pack("<I", 32))
+    two = b.add(FUNC_PROTO, "", [struct.pack("<II", b.name(a), 1) for a in ("vmf", "reason")])
+    b.add(FUNC, "handle_userfault", size_or_type=two)
+    eight = b.add(FUNC_PROTO, "", [struct.pack("<II", 0, 1)] * 8)
+    b.add(FUNC, "hugetlb_mcopy_atomic_pte", size_or_type=eight)
+    b.add(FUNC, "shmem_fault", size_or_type=b.count + 2)  # its prototype comes after it
+    one = b.add(FUNC_PROTO, "", [struct.pack("<II", b.name("vmf"), 1)])
+    b.add(FUNC, "hidden_function", size_or_type=one)
+    b.add(FUNC, "no_proto", size_or_type=99)
+    return kernel.Btf(b.bytes())
 
 
-def test_btf_function_arity_from_a_dump(monkeypatch):
-    monkeypatch.setattr(kernel, "_btf_dump", lambda: BTF_DUMP)
+def test_btf_function_arity(monkeypatch):
+    monkeypatch.setattr(kernel, "vmlinux_btf", functions_blob)
     monkeypatch.setenv(kernel.HIDE_SYMBOLS_ENV, "hidden_function")
     assert kernel.btf_function_arity.__wrapped__() == {
         "handle_userfault": 2, "hugetlb_mcopy_atomic_pte": 8, "shmem_fault": 1}

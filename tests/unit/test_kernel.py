@@ -8,39 +8,9 @@ import struct
 
 import pytest
 
+from tests.unit.btf_blob import ARRAY, FUNC_PROTO, INT, PTR, STRUCT, UNION, Blob
 from uffdtrace.errors import UserError
 from uffdtrace.probes import kernel
-
-INT, PTR, ARRAY, STRUCT, UNION, FUNC_PROTO = 1, 2, 3, 4, 5, 13
-
-
-class Blob:
-    """A BTF blob: header, types, strings."""
-
-    def __init__(self) -> None:
-        self.types, self.strings = b"", b"\0"
-
-    def name(self, text: str) -> int:
-        if not text:
-            return 0
-        at = self.strings.find(b"\0" + text.encode() + b"\0")
-        if at >= 0:
-            return at + 1
-        self.strings += text.encode() + b"\0"
-        return len(self.strings) - len(text) - 1
-
-    def add(self, kind: int, name: str, items: list[bytes] = (), extra: bytes = b"",
-            kind_flag: bool = False) -> None:
-        info = kind << 24 | len(items) | kind_flag << 31
-        self.types += struct.pack("<III", self.name(name), info, 0) + extra + b"".join(items)
-
-    def member(self, name: str, bits: int) -> bytes:
-        return struct.pack("<III", self.name(name), 1, bits)
-
-    def bytes(self) -> bytes:
-        header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types), len(self.types),
-                             len(self.strings))
-        return header + self.types + self.strings
 
 
 def vmlinux_like() -> bytes:
@@ -58,21 +28,21 @@ def vmlinux_like() -> bytes:
 
 
 def test_members_after_other_kinds_and_an_anonymous_member():
-    assert kernel.btf_struct_members(vmlinux_like(), "file") == {
+    assert kernel.Btf(vmlinux_like()).struct_members("file") == {
         "(anon)": 0, "f_path": 16, "f_op": 48, "private_data": 200}
 
 
 def test_bitfield_offsets_drop_their_size():
-    assert kernel.btf_struct_members(vmlinux_like(), "task_struct") == {"__state": 24, "pid": 1264}
+    assert kernel.Btf(vmlinux_like()).struct_members("task_struct") == {"__state": 24, "pid": 1264}
 
 
 def test_a_name_that_is_no_struct():
-    assert kernel.btf_struct_members(vmlinux_like(), "f_op") is None
-    assert kernel.btf_struct_members(vmlinux_like(), "mm_struct") is None
+    assert kernel.Btf(vmlinux_like()).struct_members("f_op") is None
+    assert kernel.Btf(vmlinux_like()).struct_members("mm_struct") is None
 
 
 def test_a_missing_member_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(kernel, "_vmlinux_btf", vmlinux_like)
+    monkeypatch.setattr(kernel, "vmlinux_btf", lambda: kernel.Btf(vmlinux_like()))
     assert kernel.struct_member_offsets.__wrapped__("file", ("f_op",)) == {"f_op": 48}
     with pytest.raises(UserError, match=r"struct file has no member\(s\) f_count in BTF"):
         kernel.struct_member_offsets.__wrapped__("file", ("f_count",))

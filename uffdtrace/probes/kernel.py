@@ -10,9 +10,8 @@ from __future__ import annotations
 import bisect
 import functools
 import os
-import re
 import struct
-import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,81 +67,92 @@ def kallsyms() -> KernelSymbols:
     return KernelSymbols([a for a, _ in entries], [n for _, n in entries])
 
 
+# struct btf_header and struct btf_type, and what follows a type of each kind (uapi/linux/btf.h)
+_BTF_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str off & len
+_BTF_TYPE = struct.Struct("<III")  # name_off, info (kind << 24 | vlen, kind_flag << 31), size/type
+_BTF_MEMBER = struct.Struct("<III")  # name_off, type, offset (in bits)
+BTF_KIND_STRUCT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO = 4, 12, 13
+_BTF_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}  # INT, ARRAY, VAR, DECL_TAG: bytes after the type
+_BTF_ITEMS = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT .. ENUM64: bytes per vlen item
+
+
+@dataclass(frozen=True)
+class Btf:
+    """A raw BTF blob (such as /sys/kernel/btf/vmlinux), read directly: a text dump of all of
+    vmlinux by bpftool costs about a second of start-up, a walk over the records a tenth."""
+
+    blob: bytes
+
+    def _types(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """(kind, info, name_off, size_or_type, offset of its items) of each type, in id order
+        (the first is id 1)."""
+        _, _, _, hdr_len, type_off, type_len, _, _ = _BTF_HEADER.unpack_from(self.blob)
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = _BTF_TYPE.unpack_from(self.blob, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            pos += _BTF_TYPE.size
+            yield kind, info, name_off, size_or_type, pos
+            pos += _BTF_ITEMS.get(kind, 0) * vlen + _BTF_FIXED.get(kind, 0)
+
+    @functools.cached_property
+    def _strings(self) -> bytes:
+        _, _, _, hdr_len, _, _, str_off, str_len = _BTF_HEADER.unpack_from(self.blob)
+        return self.blob[hdr_len + str_off : hdr_len + str_off + str_len]
+
+    def _name(self, off: int) -> str:
+        return self._strings[off : self._strings.index(b"\0", off)].decode()
+
+    def struct_members(self, name: str) -> dict[str, int] | None:
+        """Byte offsets of the direct members of struct `name` ('(anon)' for unnamed ones), or
+        None. The walk stops at the struct."""
+        at = self._strings.find(b"\0" + name.encode() + b"\0")  # names are deduplicated
+        if at < 0:
+            return None
+        for kind, info, name_off, _, items in self._types():
+            if kind == BTF_KIND_STRUCT and name_off == at + 1:
+                members = {}
+                for i in range(info & 0xFFFF):
+                    m_name, _, bits = _BTF_MEMBER.unpack_from(self.blob, items + i * _BTF_MEMBER.size)
+                    if info >> 31:  # kind_flag: a bitfield size in the offset's top byte
+                        bits &= 0xFFFFFF
+                    members[self._name(m_name) or "(anon)"] = bits // 8
+                return members
+        return None
+
+    def function_arity(self) -> dict[str, int]:
+        """Each function (FUNC) -> the number of arguments of its prototype."""
+        protos: dict[int, int] = {}
+        funcs: list[tuple[int, int]] = []
+        for type_id, (kind, info, name_off, size_or_type, _) in enumerate(self._types(), start=1):
+            if kind == BTF_KIND_FUNC_PROTO:
+                protos[type_id] = info & 0xFFFF
+            elif kind == BTF_KIND_FUNC:
+                funcs.append((name_off, size_or_type))
+        return {self._name(name_off): protos[proto] for name_off, proto in funcs if proto in protos}
+
+
 @functools.cache
-def _btf_dump() -> str:
-    """The running kernel's BTF as text (bpftool's raw format)."""
-    if not VMLINUX_BTF.exists():
-        raise UserError(f"{VMLINUX_BTF} is missing: the kernel was built without BTF")
+def vmlinux_btf() -> Btf:
+    """The running kernel's BTF."""
     try:
-        # in its own session: a Ctrl-C meant for uffdtrace (which stops cleanly) is not its
-        return subprocess.run(
-            ["bpftool", "btf", "dump", "file", str(VMLINUX_BTF), "format", "raw"],
-            capture_output=True, text=True, check=True, start_new_session=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise UserError(f"cannot read kernel BTF with bpftool ({e}): apt-get install bpftool") from e
+        return Btf(VMLINUX_BTF.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{VMLINUX_BTF} is missing: the kernel was built without BTF") from None
 
 
 @functools.cache
 def btf_function_arity() -> dict[str, int]:
     """Functions the kernel's BTF describes (those fentry/fexit can attach to) -> their number
     of arguments (trampolines have a limit: 6 on x86-64 before Linux 6.6)."""
-    dump = _btf_dump()
-    arity = {m[1]: int(m[2]) for m in re.finditer(
-        r"^\[(\d+)\] FUNC_PROTO '\(anon\)' ret_type_id=\d+ vlen=(\d+)$", dump, re.M)}
     hidden = hidden_symbols()
-    return {m[1]: arity[m[2]] for m in re.finditer(r"^\[\d+\] FUNC '(\w+)' type_id=(\d+)", dump, re.M)
-            if m[2] in arity and m[1] not in hidden}
-
-
-# struct btf_header and struct btf_type, and what follows a type of each kind (uapi/linux/btf.h)
-_BTF_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str off & len
-_BTF_TYPE = struct.Struct("<III")  # name_off, info (kind << 24 | vlen, kind_flag << 31), size
-_BTF_MEMBER = struct.Struct("<III")  # name_off, type, offset (in bits)
-BTF_KIND_STRUCT = 4
-_BTF_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}  # INT, ARRAY, VAR, DECL_TAG: bytes after the type
-_BTF_ITEMS = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT .. ENUM64: bytes per vlen item
-
-
-def btf_struct_members(btf: bytes, name: str) -> dict[str, int] | None:
-    """Byte offsets of the direct members of struct `name` in a raw BTF blob ('(anon)' for
-    unnamed ones), or None. One walk over the types, stopping at the struct: much faster than
-    bpftool's text dump of all of vmlinux, which start-up cannot afford."""
-    _, _, _, hdr_len, type_off, type_len, str_off, str_len = _BTF_HEADER.unpack_from(btf)
-    strings = btf[hdr_len + str_off : hdr_len + str_off + str_len]
-    at = strings.find(b"\0" + name.encode() + b"\0")  # names are deduplicated: one offset each
-    if at < 0:
-        return None
-    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-    while pos < end:
-        name_off, info, _ = _BTF_TYPE.unpack_from(btf, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        pos += _BTF_TYPE.size
-        if kind == BTF_KIND_STRUCT and name_off == at + 1:
-            members = {}
-            for i in range(vlen):
-                m_name, _, bits = _BTF_MEMBER.unpack_from(btf, pos + i * _BTF_MEMBER.size)
-                if info >> 31:  # kind_flag: a bitfield size in the offset's top byte
-                    bits &= 0xFFFFFF
-                label = strings[m_name : strings.index(b"\0", m_name)].decode() or "(anon)"
-                members[label] = bits // 8
-            return members
-        pos += _BTF_ITEMS.get(kind, 0) * vlen + _BTF_FIXED.get(kind, 0)
-    return None
-
-
-@functools.cache
-def _vmlinux_btf() -> bytes:
-    try:
-        return VMLINUX_BTF.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{VMLINUX_BTF} is missing: the kernel was built without BTF") from None
+    return {name: n for name, n in vmlinux_btf().function_arity().items() if name not in hidden}
 
 
 @functools.cache
 def struct_member_offsets(struct_name: str, members: tuple[str, ...]) -> dict[str, int]:
     """Byte offsets of `members` in `struct_name`, from the running kernel's BTF."""
-    found = btf_struct_members(_vmlinux_btf(), struct_name)
+    found = vmlinux_btf().struct_members(struct_name)
     if found is None:
         raise UserError(f"struct {struct_name} not found in kernel BTF")
     missing = set(members) - found.keys()
