@@ -142,14 +142,7 @@ def test_every_fault_recorded_once(vm_out: Path, name: str, wl: str) -> None:
     r = workload(vm_out, name, wl)
     assert r.truth["mismatches"] == 0 and r.truth["pages_verified"] == WORKLOADS[wl].pages
     kinds = r.rec["kind"].value_counts(dropna=False).to_dict()
-    session_ = BY_NAME[name]
-    if (session_.reported, session_.mode, WORKLOADS[wl].backing) == ("tracepoint", "light", "hugetlb"):
-        # 6.1 calls handle_userfault from one site for minor and missing hugetlb faults: from
-        # the stack alone the kind is unknowable, so it must be empty, never a guess.
-        assert (r.rec["kind"].isna() | (r.rec["kind"] == "minor")).all(), kinds
-        minor = r.rec
-    else:
-        minor = r.rec[r.rec["kind"] == "minor"]
+    minor = r.rec[r.rec["kind"] == "minor"]
     assert len(minor) == len(r.rec) == r.truth["faults"], kinds
     page = r.truth["page_size"]
     assert set(zip(minor["tid"], minor["addr"] // page, strict=True)) == set(
@@ -212,7 +205,7 @@ CROSS = ("shmem", "hugetlb-4t-process", "misuse")
 
 
 @pytest.mark.parametrize("wl", CROSS)
-@pytest.mark.parametrize("other", ["tracepoint-light", "auto-light", "kprobe-full"])
+@pytest.mark.parametrize("other", ["tracepoint-full", "auto-light", "kprobe-full"])
 def test_backends_agree_in_the_vm(vm_out: Path, wl: str, other: str) -> None:
     a, b = workload(vm_out, "kprobe-light", wl), workload(vm_out, other, wl)
     page = a.truth["page_size"]
