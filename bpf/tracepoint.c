@@ -509,7 +509,7 @@ static __always_inline void fault_stats_key(struct fault_state *st, u32 pid, u32
         key->kind = KIND_WP;
 }
 
-// st's fault into its aggregate, with the durations pipeline.derive_durations gives a row.
+// st's fault into its aggregate, with the durations pipeline._durations gives a row.
 static __always_inline void add_fault_stats(struct fault_state *st, u32 pid, u32 tid) {
     struct fault_stats_key key = {};
     fault_stats_key(st, pid, tid, &key);

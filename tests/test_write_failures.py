@@ -27,10 +27,11 @@ PAGES = 50_000  # ~12 MB of CSV, and a few seconds of faults
 
 @pytest.fixture
 def small_fs(tmp_path) -> Iterator[Path]:
-    """A 2 MiB tmpfs, unmounted afterwards even when the test fails."""
+    """A 6 MiB tmpfs (more than one batch of rows: the session feeds its sinks every 0.25 s),
+    unmounted afterwards even when the test fails."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:

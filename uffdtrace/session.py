@@ -35,6 +35,10 @@ from uffdtrace.summary import FaultStats
 from uffdtrace.targets import LaunchedCommand, uffd_holders, uffd_inodes, uffd_ranges
 
 DRAIN_INTERVAL_S = 0.05
+# Drained records are assembled this often, or as soon as FEED_RECORDS wait: each batch costs
+# pandas and Arrow a fixed overhead, which small batches would pay per fault.
+FEED_INTERVAL_S = 0.25
+FEED_RECORDS = 100_000
 RESCAN_INTERVAL_S = 1.0  # new handler processes, faults blocked now
 STUCK_AFTER_S = 1.0  # a fault blocked this long is reported while the session runs
 BACKLOG_RECORDS = 2_000_000  # drained, not yet assembled (~270 MB): beyond it the ring fills
@@ -95,6 +99,7 @@ class Session:
         """Assemble and write until stop(), `until()` or the duration; then what is left."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
         next_scan = time.monotonic() + RESCAN_INTERVAL_S
+        next_feed = time.monotonic() + FEED_INTERVAL_S
         backlog, stop_draining = _Backlog(), threading.Event()
         drainer = threading.Thread(target=self._drain, args=(backlog, stop_draining),
                                    name="uffdtrace-drain", daemon=True)
@@ -103,9 +108,12 @@ class Session:
             while not self._stop.is_set():
                 if until() or (deadline is not None and time.monotonic() >= deadline):
                     break
-                batch = backlog.take(DRAIN_INTERVAL_S)
-                if batch is not None:
-                    self._feed(batch)
+                self._stop.wait(DRAIN_INTERVAL_S)
+                if backlog.records >= FEED_RECORDS or time.monotonic() >= next_feed:
+                    batch = backlog.take()
+                    if batch is not None:
+                        self._feed(batch)
+                    next_feed = time.monotonic() + FEED_INTERVAL_S
                 if time.monotonic() >= next_scan:
                     self._add_handlers()
                     self._scan_blocked()
@@ -116,7 +124,7 @@ class Session:
             drainer.join()
         if backlog.error is not None:
             raise backlog.error
-        rest = backlog.take(0)
+        rest = backlog.take()
         if rest is not None:
             self._feed(rest)
         self.poll()
@@ -152,7 +160,8 @@ class Session:
         self._feed(self.backend.drain())
 
     def _feed(self, raw: np.ndarray) -> None:
-        self._emit(self.assembler.feed(raw[raw["pid"] != self._me]))  # never trace ourselves
+        ours = raw["pid"] == self._me  # never trace ourselves
+        self._emit(self.assembler.feed(raw[~ours] if ours.any() else raw))
 
     def _emit(self, batch: Batch) -> None:
         if self.write_error is not None:
@@ -236,17 +245,16 @@ class _Backlog:
             self._put += len(batch)
             self._batches.put(batch)
 
-    def take(self, timeout_s: float) -> np.ndarray | None:
-        """Everything drained so far, in order, as one batch; waits up to timeout_s for any."""
-        try:
-            batches = [self._batches.get(timeout=timeout_s)]
-        except queue.Empty:
-            return None
+    def take(self) -> np.ndarray | None:
+        """Everything drained so far, in order, as one batch (None: nothing)."""
+        batches = []
         while True:
             try:
                 batches.append(self._batches.get_nowait())
             except queue.Empty:
                 break
+        if not batches:
+            return None
         self._taken += sum(len(b) for b in batches)
         return np.concatenate(batches)
 

@@ -16,7 +16,6 @@ import stat
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pyarrow import csv as pacsv
@@ -27,12 +26,8 @@ _ROWS_ONLY = pacsv.WriteOptions(include_header=False, quoting_style="needed")
 
 
 def _arrow(column: pd.Series, dtype: str) -> pa.Array:
-    """One column as an Arrow array, built from plain numpy (pandas' own conversion of its
-    string arrays garbles them with the pyarrow in use here)."""
-    missing = column.isna().to_numpy()
-    if dtype == "Int64":
-        return pa.array(column.to_numpy(dtype=np.int64, na_value=0), mask=missing)
-    return pa.array(column.to_numpy(dtype=object, na_value=None), type=pa.string())
+    """One column as an Arrow array: pandas' own arrays are Arrow's or convert without a copy."""
+    return pa.array(column.array, type=pa.int64() if dtype == "Int64" else pa.large_string())
 
 
 def arrow_table(rows: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pa.Table:
