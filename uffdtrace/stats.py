@@ -210,6 +210,7 @@ class StatsFeed:
         self.events: dict[tuple[str, str], int] = {}  # (comm, event) -> count, as of the last tick
         self._events_gone: dict[tuple[str, str], int] = {}  # ... of processes forgotten since
         self._confirmed: set[int] = set()  # discovered processes that passed the --comm filter
+        self._seen: set[int] = set()  # processes in the last reading
         self._next = 0.0
 
     def adopt_running(self) -> None:
@@ -246,6 +247,10 @@ class StatsFeed:
                 elif of is None or of in refused or of not in tracked:
                     refused.add(pid)
         self.backend.forget(refused)  # before reading: their counts are not wanted
+        # Gone before the reading: all their counts are in it (BPF counts a process's faults
+        # and ioctls in its own threads), so they can go after it. One that dies after the
+        # reading is forgotten at the next tick, once its last counts are read.
+        gone = {pid for pid in decided | self._seen if not alive(pid)}
         fault_keys, faults = self.backend.stats("fault_stats")
         ioctl_keys, ioctls = self.backend.stats("ioctl_stats")
         if not self.every_process:  # those not decided yet are read once they are
@@ -254,8 +259,7 @@ class StatsFeed:
             fault_keys, faults = fault_keys[kept], faults[kept]
             kept = np.isin(ioctl_keys["pid"], wanted)
             ioctl_keys, ioctls = ioctl_keys[kept], ioctls[kept]
-        seen = decided | set(fault_keys["pid"].tolist()) | set(ioctl_keys["pid"].tolist())
-        gone = {pid for pid in seen if not alive(pid)}
+        self._seen = set(fault_keys["pid"].tolist()) | set(ioctl_keys["pid"].tolist())
         self.aggregates.update(fault_keys, faults, ioctl_keys, ioctls)
         events: dict[tuple[str, str], int] = {}
         for (pid, event), count in self.backend.uffd_event_counts().items():

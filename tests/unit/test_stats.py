@@ -33,7 +33,15 @@ from uffdtrace.probes.records import (
     STATS_KINDS,
     UFFDIO_NAMES,
 )
-from uffdtrace.stats import BUCKET_BOUNDS_S, DEFAULT_LABELS, FAULT_LABELS, HISTOGRAMS, OVERFLOW, Aggregates
+from uffdtrace.stats import (
+    BUCKET_BOUNDS_S,
+    DEFAULT_LABELS,
+    FAULT_LABELS,
+    HISTOGRAMS,
+    OVERFLOW,
+    Aggregates,
+    StatsFeed,
+)
 
 # The fake classifier's answers are coded in the key's path: path[0] the backing, path[1] the kind.
 BACKINGS = (None, "anon", "shmem", "hugetlb")
@@ -763,3 +771,41 @@ def test_le_labels_are_the_exact_bucket_bounds():
     stall = families(exporter()[0])["uffdtrace_fault_stall_seconds"]
     les = [s.labels["le"] for s in stall.samples if s.name.endswith("_bucket") and s.labels["comm"] == "app"]
     assert [float(le) for le in les[:-1]] == [pytest.approx(b, rel=1e-12) for b in BUCKET_BOUNDS_S[:-1]]
+
+
+class DyingBackend:
+    """A stats-mode backend whose only process (a handler, traced) makes one more ioctl and
+    exits just after each reading: the race between a process's last counts and its end."""
+
+    def __init__(self) -> None:
+        self.calls, self.dead, self.forgotten = 1, False, set()
+
+    def tracked(self) -> dict[int, int]:
+        return {} if 100 in self.forgotten else {100: ROLE_HANDLER}
+
+    def stats(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name == "fault_stats":
+            return fault_reading()
+        if 100 in self.forgotten:
+            return ioctl_reading()
+        reading = ioctl_reading(ioctl(100, NR_COPY, 0, calls=self.calls))
+        self.calls, self.dead = self.calls + 1, True  # its last COPY, then exit
+        return reading
+
+    def uffd_event_counts(self) -> dict[tuple[int, int], int]:
+        return {}
+
+    def forget(self, pids: set[int]) -> None:
+        self.forgotten |= pids
+
+
+def test_a_process_gone_after_the_reading_is_read_once_more(monkeypatch):
+    backend = DyingBackend()
+    monkeypatch.setattr("uffdtrace.stats.alive", lambda pid: not backend.dead)
+    agg = aggregates(("comm", "pid"))
+    feed = StatsFeed(backend, agg)
+    feed.tick(now=True)  # reads 1 call; the process then makes its 2nd and exits
+    feed.tick(now=True)  # gone: read once more (2 calls), then forgotten
+    feed.tick(now=True)
+    assert backend.forgotten == {100}
+    assert agg.ioctls[("app", "100", "copy", "0")].calls == 2
