@@ -122,7 +122,10 @@ def show(session: Session, host: PluginSink | StatsPanels, ended: Callable[[], b
         host.reset()
 
         def until() -> bool:
-            return host.feed.tick() or ended()
+            if ended():  # one last reading: the screen held after the end shows every count
+                host.feed.tick(now=True)
+                return True
+            return host.feed.tick()
 
     def run_session() -> None:
         try:
