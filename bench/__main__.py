@@ -107,7 +107,7 @@ def stats_verdicts(table: list[dict]) -> list[Verdict]:
     stats, peer = by_name["export (--mode stats)"], by_name["bpftrace peer"]
     floor = by_name["empty programs, full's tracepoints"]
     over, over_floor, over_peer = stats["p50_ratio"] - 1, floor["p50_ratio"] - 1, peer["p50_ratio"] - 1
-    cpu = stats["tracer_cpu_s"] / stats["window_s"]  # while the workload ran, and 1.2 s after
+    cpu = stats["tracer_cpu_s"] / stats["window_s"]  # while the workload ran, until its last counts were read
     return [
         ("stats: p50 at most 3 points above the floor of its tracepoints",
          over <= over_floor + tracer_bench.STATS_ABOVE_FLOOR, f"{over:+.1%} (floor {over_floor:+.1%})"),

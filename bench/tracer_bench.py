@@ -112,8 +112,15 @@ def exported(work: Workload, pages: int) -> dict[str, float]:
             raise SystemExit(f"bench: the exporter did not start (exit {exporter.wait()})")
         before, t0 = metrics(), time.monotonic()
         sample = untraced(work, pages)
-        time.sleep(1.2)  # one interval and then some: the last counts are read
-        after, window_s = metrics(), time.monotonic() - t0
+        # The last counts are read at the exporter's next tick (1 s, and the tick's own time on
+        # a busy machine): until then, or 3 s, whichever first; a count still off is reported.
+        deadline = time.monotonic() + 3.0
+        while True:
+            after, window_s = metrics(), time.monotonic() - t0
+            counted = after.get("uffdtrace_faults_total", 0) - before.get("uffdtrace_faults_total", 0)
+            if counted == sample["faults"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         exporter.terminate()
         exporter.wait()
