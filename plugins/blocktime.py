@@ -14,6 +14,7 @@ Sums are kept per thread as the batches come; only the blocked intervals are kep
 integers per fault, for all_blocked_ns.
 
 Panel (live viewers): threads by total stall, with fault count and approximate p50/p99 stall.
+A live viewer keeps no intervals: its memory is per thread seen (an 8 KiB histogram each).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class BlocktimePlugin(Plugin):
 
     def batch(self, df: pd.DataFrame) -> None:
         self._sourced |= SOURCE in df
-        df = df[df["pid"].notna() & df["tid"].notna()]
+        known = (df["pid"].notna() & df["tid"].notna()).to_numpy(bool)
+        if not known.all():
+            df = df[known]
         if df.empty:
             return
         threads, codes = _threads(df)
@@ -77,8 +80,9 @@ class BlocktimePlugin(Plugin):
         self._blocked_ns = np.concatenate([self._blocked_ns, np.zeros(grow, dtype=np.int64)])
         self._stall.grow(len(self._rows))
         row = rows[codes]
-        np.add.at(self._faults, row, 1)
-        np.add.at(self._blocked_ns, row, stall.clip(0))
+        self._faults += np.bincount(row, minlength=len(self._faults))
+        self._blocked_ns += np.bincount(row, weights=stall.clip(0), minlength=len(self._faults)
+                                        ).astype(np.int64)  # exact: a batch's sums are < 2^53 ns
         self._stall.add(stall[stall >= 0], row[stall >= 0])
 
     def _row(self, key: Thread, comm: str) -> int:

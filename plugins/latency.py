@@ -5,7 +5,9 @@ Tables:
   histogram    backing, kind, metric, bucket, lo_us, hi_us, count  (non-empty buckets only)
 
 Bucket N counts values in [2^N, 2^(N+1)) us, like QEMU's postcopy-latency-dist; values under
-1 us fall in bucket 0. Percentiles are exact (linear interpolation over every value kept).
+1 us fall in bucket 0. Percentiles are exact (linear interpolation over every value kept): the
+tables keep every value, 8 bytes per fault and metric (`report`, `record --plugin latency`).
+A live viewer wants no tables, and keeps only fixed-size histograms.
 Over several recordings (`report A B`) both tables start with their `source`: each recording's
 distributions apart.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from uffdtrace.aggregate import LogHistogram, log2_us_buckets
+from uffdtrace.aggregate import LogHistogram, add_counts, log2_us_buckets
 from uffdtrace.events import SOURCE
 from uffdtrace.plugins import Histogram, Panel, Plugin, RunContext, Table
 
@@ -56,28 +58,27 @@ class LatencyPlugin(Plugin):
         self._kinds: dict[tuple[str, str], int] = {}
 
     def batch(self, df: pd.DataFrame) -> None:
+        for metric in METRICS:
+            values = df[metric].to_numpy(dtype=np.int64, na_value=-1)
+            known = values[values >= 0]
+            self._live[metric].add(known)
+            self._log2[metric] += np.bincount(log2_us_buckets(known), minlength=64)
+        add_counts(self._kinds, df["backing"], df["kind"], na="unknown")
+        if self.keep:
+            self._tabulate(df)
+
+    def _tabulate(self, df: pd.DataFrame) -> None:
+        """Keep every value per ([source,] backing, kind, metric), for the exact tables."""
         by = [df["backing"].fillna("unknown"), df["kind"].fillna("unknown")]
         if SOURCE in df:  # tables per recording; the panels' counts over all of them
             by.insert(0, df[SOURCE])
             self._sourced = True
         groups = df.groupby(by, sort=False).indices
         for metric in METRICS:
-            col = df[metric]
-            values = col.to_numpy(dtype=np.int64, na_value=-1)
-            known = values[values >= 0]
-            self._live[metric].add(known)
-            self._log2[metric] += np.bincount(log2_us_buckets(known), minlength=64)
-            if not self.keep:
-                continue
-            if not col.hasnans:
-                for key, idx in groups.items():
-                    self._values.setdefault((*key, metric), []).append(values[idx])
-                continue
+            values = df[metric].to_numpy(dtype=np.int64, na_value=-1)
             for key, idx in groups.items():
                 v = values[idx]
                 self._values.setdefault((*key, metric), []).append(v[v >= 0])
-        for key, idx in groups.items():
-            self._kinds[key[-2:]] = self._kinds.get(key[-2:], 0) + len(idx)
 
     def panels(self) -> list[Panel]:
         kinds = Table("backing x kind", ("backing", "kind", "faults"),

@@ -17,7 +17,8 @@ Tables:
 Over several recordings (`report A B`, with their --ioctls) both tables start with the rows'
 `source`, and a range registered by one recording's pid 42 says nothing of another's.
 
-Panel (live viewers): failed ioctls by category and errno, and unresolved faults.
+Panel (live viewers): failed ioctls by category and errno, and unresolved faults. A live
+viewer (no tables wanted) only counts them: it keeps no rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import errno
 import numpy as np
 import pandas as pd
 
+from uffdtrace.aggregate import add_counts
 from uffdtrace.events import SOURCE
 from uffdtrace.plugins import Panel, Plugin, RunContext, Table
 
@@ -54,6 +56,7 @@ EXPLAIN_ANY = {
 IN_MINOR_RANGE = ("; in a MINOR-registered range the page cache holds the page: resolve "
                   "with UFFDIO_CONTINUE")
 ERRORS = ["enter_ns", "pid", "tid", "comm", "ioctl", "start", "len", "errno"]
+UNRESOLVED_OUTCOMES = ("unresolved_exit", "unresolved_end")
 UNRESOLVED = ["fault_ns", "pid", "tid", "comm", "addr", "backing", "kind", "outcome", "stall_ns"]
 
 
@@ -63,6 +66,7 @@ class MisusePlugin(Plugin):
     columns = tuple(dict.fromkeys(UNRESOLVED))
 
     def start(self, ctx: RunContext) -> None:
+        self.keep = ctx.tables  # a live viewer counts, and keeps no rows
         self._errors: list[pd.DataFrame] = []
         self._unresolved: list[pd.DataFrame] = []
         self._minor_ranges: list[tuple[str | None, int, int, int]] = []  # source, pid, start, end
@@ -74,22 +78,34 @@ class MisusePlugin(Plugin):
 
     def ioctls(self, df: pd.DataFrame) -> None:
         self._sourced |= SOURCE in df
+        codes = df["errno"].to_numpy(np.int64, na_value=0)
+        failed = codes != 0
+        if self.keep:
+            self._tabulate(df, failed)
+        if not failed.any():
+            return
+        by_errno: dict[int, int] = {}
+        add_counts(by_errno, pd.Series(codes[failed]))
+        for code, n in sorted(by_errno.items()):
+            key = (f"{'already mapped' if code == errno.EEXIST else 'error'}: "
+                   f"{errno.errorcode.get(code, code)}")
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    def _tabulate(self, df: pd.DataFrame, failed: np.ndarray) -> None:
+        """The MINOR-registered ranges, and each failed ioctl explained."""
         registered = df[(df["ioctl"] == "REGISTER") & (df["errno"] == 0)
                         & ((df["mode"] & REGISTER_MODE_MINOR) != 0)]
         sources = registered[SOURCE] if SOURCE in df else [None] * len(registered)
         self._minor_ranges += [(src, int(p), int(s), int(s + n)) for src, p, s, n in zip(
             sources, registered["pid"], registered["start"], registered["len"], strict=True)]
-        failed = df.loc[df["errno"] != 0, _with_source(df, ERRORS)].copy()
-        if failed.empty:
+        if not failed.any():
             return
+        failed = df.loc[failed, _with_source(df, ERRORS)].copy()
         failed["category"] = np.where(failed["errno"] == errno.EEXIST, "already mapped", "error")
         sources = failed[SOURCE] if SOURCE in df else [None] * len(failed)
         failed["explanation"] = [self._explain(*row) for row in zip(
             failed["ioctl"], failed["errno"], sources, failed["pid"], failed["start"], strict=True)]
         self._errors.append(failed)
-        for (category, code), n in failed.groupby(["category", "errno"]).size().items():
-            key = f"{category}: {errno.errorcode.get(int(code), code)}"
-            self._counts[key] = self._counts.get(key, 0) + int(n)
 
     def _explain(self, ioctl: str, code: int, source: str | None, pid: int, start) -> str:
         text = EXPLAIN.get((ioctl, code)) or EXPLAIN_ANY.get(code, f"{ioctl} failed")
@@ -101,10 +117,15 @@ class MisusePlugin(Plugin):
 
     def batch(self, df: pd.DataFrame) -> None:
         self._sourced |= SOURCE in df
-        unresolved = df[df["outcome"].isin(["unresolved_exit", "unresolved_end"])]
-        if not unresolved.empty:
+        outcomes: dict[str, int] = {}
+        add_counts(outcomes, df["outcome"])
+        n = sum(outcomes.get(o, 0) for o in UNRESOLVED_OUTCOMES)
+        if not n:
+            return
+        self._counts["unresolved faults"] = self._counts.get("unresolved faults", 0) + n
+        if self.keep:
+            unresolved = df[df["outcome"].isin(UNRESOLVED_OUTCOMES)]
             self._unresolved.append(unresolved[_with_source(df, UNRESOLVED)])
-            self._counts["unresolved faults"] = self._counts.get("unresolved faults", 0) + len(unresolved)
 
     def panels(self) -> list[Panel]:
         rows = tuple(sorted(self._counts.items()))

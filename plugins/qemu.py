@@ -53,9 +53,10 @@ class QemuPlugin(Plugin):
 
     def batch(self, df: pd.DataFrame) -> None:
         self._sourced |= SOURCE in df
-        df = df[df["vcpu"].notna() & df["pid"].notna()]
-        if df.empty:
+        vcpus = (df["vcpu"].notna() & df["pid"].notna()).to_numpy(bool)
+        if not vcpus.any():  # no vCPU thread: the common case outside QEMU, kept cheap
             return
+        df = df[vcpus]
         if self.keep:
             self._parts.append(df)
         counted = pd.DataFrame({  # one row per fault, in the columns of the sums kept

@@ -60,24 +60,27 @@ class TimelinePlugin(Plugin):
 
     def batch(self, df: pd.DataFrame) -> None:
         self._sourced |= SOURCE in df
-        df = df[df["fault_ns"].notna()]
-        fault_ns = df["fault_ns"].to_numpy(np.int64)
+        fault_ns = df["fault_ns"].to_numpy(np.int64, na_value=-1)
+        known = fault_ns >= 0
         if self.keep:
-            self._keep(self._faults, df, pd.DataFrame({
-                "slot": fault_ns // self.interval_ns,
-                "stall_ns": df["stall_ns"].astype("Float64")}))
-        self._count("faults/s", fault_ns)
+            self._keep(self._faults, df[known], pd.DataFrame({
+                "slot": fault_ns[known] // self.interval_ns,
+                "stall_ns": df["stall_ns"].astype("Float64").to_numpy()[known]}))
+        self._count("faults/s", fault_ns[known])
 
     def ioctls(self, df: pd.DataFrame) -> None:
         self._sourced |= SOURCE in df
-        df = df[df["ioctl"].isin(RESOLVING).fillna(False) & (df["errno"] == 0).fillna(False)
-                & df["exit_ns"].notna()]
-        exit_ns = df["exit_ns"].to_numpy(np.int64)
+        exit_ns = df["exit_ns"].to_numpy(np.int64, na_value=-1)
+        ok = (df["errno"].to_numpy(np.int64, na_value=-1) == 0) & (exit_ns >= 0)
+        codes, names = pd.factorize(df["ioctl"])
+        resolving = [i for i, name in enumerate(names) if name in RESOLVING]
+        for i in resolving:
+            self._count(f"{names[i]}/s", exit_ns[ok & (codes == i)])
         if self.keep:
-            self._keep(self._ioctls, df, pd.DataFrame({"slot": exit_ns // self.interval_ns,
-                                                       "ioctl": df["ioctl"].to_numpy(object)}))
-        for name in df["ioctl"].unique():
-            self._count(f"{name}/s", exit_ns[(df["ioctl"] == name).to_numpy(bool)])
+            rows = ok & np.isin(codes, resolving)
+            self._keep(self._ioctls, df[rows], pd.DataFrame({
+                "slot": exit_ns[rows] // self.interval_ns,
+                "ioctl": df["ioctl"].to_numpy(object)[rows]}))
 
     def _keep(self, parts: dict[str | None, list[pd.DataFrame]], df: pd.DataFrame,
               part: pd.DataFrame) -> None:
@@ -89,13 +92,14 @@ class TimelinePlugin(Plugin):
             parts.setdefault(source, []).append(part if len(rows) == len(part) else part.iloc[rows])
 
     def _count(self, rate: str, instants_ns: np.ndarray) -> None:
+        if not instants_ns.size:
+            return
         counts = self._per_s.setdefault(rate, {})
         self._peak.setdefault(rate, 0)
-        second = pd.Series(instants_ns // 1_000_000_000)
-        for s, n in second.value_counts().items():
-            counts[int(s)] = counts.get(int(s), 0) + int(n)
-        if len(second):
-            self._last_s = max(self._last_s, int(second.max()))
+        seconds, n = np.unique(instants_ns // 1_000_000_000, return_counts=True)
+        for s, k in zip(seconds.tolist(), n.tolist(), strict=True):
+            counts[s] = counts.get(s, 0) + k
+        self._last_s = max(self._last_s, seconds[-1].item())
 
     def panels(self) -> list[Panel]:
         now = self._last_s + 1 if self._now_s is None else self._now_s

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 import pandas as pd
 
+from uffdtrace.aggregate import add_counts
 from uffdtrace.probes.records import LOST_REASONS, UFFD_EVENTS
 
 if TYPE_CHECKING:
@@ -15,31 +16,88 @@ if TYPE_CHECKING:
     from uffdtrace.targets import LaunchedCommand
 
 PERCENTILES = (50, 90, 99)
+EXACT_VALUES = 1 << 20  # values kept as they are; past them, a log-linear histogram
+SUB_BINS = 64  # histogram bins per power of two: each 2^(1/64) wide, about 1.1 %
+HISTOGRAM_ERROR = 2 ** (0.5 / SUB_BINS) - 1  # its percentiles' relative error: at most 0.55 %
+
+
+class Quantiles:
+    """Percentiles of a stream of non-negative ns durations, in bounded memory.
+
+    Up to `exact` values are kept, and percentiles are exact (numpy's linear interpolation).
+    Past that, every value goes into a fixed log-linear histogram (SUB_BINS bins per power of
+    two, 32 KiB) and a percentile is the middle of the bin of the nearest-rank value: within
+    HISTOGRAM_ERROR of it. count, min and max stay exact either way."""
+
+    BINS = 64 * SUB_BINS
+
+    def __init__(self, exact: int = EXACT_VALUES) -> None:
+        self.exact = exact
+        self.count = 0
+        self.min: int | None = None
+        self.max: int | None = None
+        self._values: list[np.ndarray] | None = []  # None once the histogram took over
+        self._bins: np.ndarray | None = None
+
+    @property
+    def is_exact(self) -> bool:
+        return self._values is not None
+
+    def add(self, ns: np.ndarray) -> None:
+        if not ns.size:
+            return
+        lo, hi = int(ns.min()), int(ns.max())
+        self.min = lo if self.min is None else min(self.min, lo)
+        self.max = hi if self.max is None else max(self.max, hi)
+        self.count += ns.size
+        if self._values is None:
+            self._bin(ns)
+        elif self.count <= self.exact:
+            self._values.append(ns)
+        else:  # past the exact limit: everything so far into the histogram, for good
+            self._bins = np.zeros(self.BINS, dtype=np.int64)
+            for part in (*self._values, ns):
+                self._bin(part)
+            self._values = None
+
+    def _bin(self, ns: np.ndarray) -> None:
+        index = (np.log2(np.maximum(ns, 1).astype(np.float64)) * SUB_BINS).astype(np.int64)
+        self._bins += np.bincount(index, minlength=self.BINS)
+
+    def percentile(self, q: float) -> int | None:
+        """The q-th percentile (0-100) in ns; None without values."""
+        if not self.count:
+            return None
+        if self._values is not None:
+            return int(np.percentile(np.concatenate(self._values), q))
+        rank = max(1, int(np.ceil(self.count * q / 100)))
+        index = int(np.searchsorted(self._bins.cumsum(), rank))
+        middle = round(2 ** ((index + 0.5) / SUB_BINS))
+        return min(max(middle, self.min), self.max)
 
 
 @dataclass
 class FaultStats:
-    """Accumulates what the summary needs from every batch (a sink)."""
+    """Accumulates what the summary needs from every batch (a sink), in bounded memory: counts
+    are exact, latency percentiles are exact up to EXACT_VALUES values (see Quantiles)."""
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
     errnos: dict[int, int] = field(default_factory=dict)
-    _stall: list[np.ndarray] = field(default_factory=list)
-    _continue: list[np.ndarray] = field(default_factory=list)
+    stall: Quantiles = field(default_factory=Quantiles)
+    cont: Quantiles = field(default_factory=Quantiles)
 
     def write(self, faults: pd.DataFrame) -> None:
         if faults.empty:
             return
-        keys = faults[["backing", "kind"]].fillna("unknown")
-        for (b, k), n in keys.value_counts().items():
-            self.counts[(b, k)] = self.counts.get((b, k), 0) + int(n)
-        for o, n in faults["outcome"].value_counts().items():
-            self.outcomes[o] = self.outcomes.get(o, 0) + int(n)
-        for e, n in faults["errno"].dropna().value_counts().items():
-            if e:
-                self.errnos[int(e)] = self.errnos.get(int(e), 0) + int(n)
-        self._stall.append(faults["stall_ns"].dropna().to_numpy(dtype=np.int64))
-        self._continue.append(faults["continue_ns"].dropna().to_numpy(dtype=np.int64))
+        add_counts(self.counts, faults["backing"], faults["kind"], na="unknown")
+        add_counts(self.outcomes, faults["outcome"])
+        errnos = faults["errno"].to_numpy(dtype=np.int64, na_value=0)
+        if errnos.any():
+            add_counts(self.errnos, pd.Series(errnos[errnos != 0]))
+        for values, into in ((faults["stall_ns"], self.stall), (faults["continue_ns"], self.cont)):
+            ns = values.to_numpy(dtype=np.int64, na_value=-1)
+            into.add(ns[ns >= 0])
 
     def close(self) -> None:
         pass
@@ -48,14 +106,12 @@ class FaultStats:
     def faults(self) -> int:
         return sum(self.counts.values())
 
-    def latency(self, which: str) -> dict[str, int | None]:
-        parts = self._stall if which == "stall" else self._continue
-        values = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-        out: dict[str, int | None] = {"count": int(values.size)}
-        for p in PERCENTILES:
-            out[f"p{p}_ns"] = int(np.percentile(values, p)) if values.size else None
-        out["max_ns"] = int(values.max()) if values.size else None
-        return out
+    def latency(self, which: str) -> dict[str, int | str | None]:
+        """count, p50/p90/p99 and max (ns) of "stall" or "continue", and how the percentiles
+        were computed: "exact", or "histogram" (within HISTOGRAM_ERROR)."""
+        q = self.stall if which == "stall" else self.cont
+        return {"count": q.count, **{f"p{p}_ns": q.percentile(p) for p in PERCENTILES},
+                "max_ns": q.max, "percentiles": "exact" if q.is_exact else "histogram"}
 
 
 def format_us(ns: int | None) -> str:
@@ -110,7 +166,9 @@ def print_summary(s: dict, out: TextIO) -> None:
         lat = s[name]
         if lat["count"]:
             p(f"  {name:>8} us: p50 {format_us(lat['p50_ns'])}  p90 {format_us(lat['p90_ns'])}"
-              f"  p99 {format_us(lat['p99_ns'])}  max {format_us(lat['max_ns'])}  (n={lat['count']})")
+              f"  p99 {format_us(lat['p99_ns'])}  max {format_us(lat['max_ns'])}  (n={lat['count']}"
+              + (f"; percentiles within {HISTOGRAM_ERROR:.1%})" if lat["percentiles"] == "histogram"
+                 else ")"))
     if s["errnos"]:
         p("  errnos: " + ", ".join(f"{e}x{n}" for e, n in s["errnos"].items()))
     unresolved = s["outcomes"].get("unresolved_exit", 0)
