@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from uffdtrace.aggregate import distinct_rows
 from uffdtrace.events import FAULT_COLUMNS, IOCTL_COLUMNS, empty_faults, empty_ioctls
 from uffdtrace.probes.paths import BASE_PAGE, PathClassifier, huge_page_size
 from uffdtrace.probes.records import (
@@ -252,13 +253,7 @@ class Assembler:
     def _comm(self, names: np.ndarray) -> np.ndarray:
         """C strings -> codes, decoding each distinct name once (told apart by hashing their
         8-byte words: sorting the strings costs more)."""
-        index = np.zeros(len(names), np.int64)
-        for word in np.ascontiguousarray(names).view(np.uint64).reshape(len(names), -1).T:
-            codes, distinct = pd.factorize(word)
-            index = index * len(distinct) + codes
-        index, distinct = pd.factorize(index)
-        first = np.empty(len(distinct), np.int64)
-        first[index[::-1]] = np.arange(len(index))[::-1]  # the last write wins
+        index, first = distinct_rows(*np.ascontiguousarray(names).view(np.uint64).reshape(len(names), -1).T)
         return self.words.codes([n.decode(errors="replace") for n in names[first].tolist()])[index]
 
     # -- ioctls -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from uffdtrace.aggregate import distinct_rows
 from uffdtrace.probes.calibration import Learned
 from uffdtrace.probes.kernel import kallsyms
 from uffdtrace.probes.records import F_HUGETLB, F_SHMEM, F_UFFD, FAULT_DTYPE
@@ -104,15 +105,7 @@ class StackClassifier:
         return [i.backing if i else None for i in infos], [i.kind if i else None for i in infos]
 
     def __call__(self, f: np.ndarray) -> pd.DataFrame:
-        # Each fault's region (pid, generation, 2 MiB region) as one code: hashing each part
-        # beats sorting whole rows (np.unique(axis=0)) several times over.
-        code = np.zeros(len(f), dtype=np.int64)
-        for part in (f["pid"], f["gen"], f["addr"] >> np.uint64(21)):
-            codes, uniques = pd.factorize(part)
-            code = code * len(uniques) + codes  # < batch size ** 3: no overflow
-        inverse, regions = pd.factorize(code)
-        first = np.empty(len(regions), dtype=np.int64)
-        first[inverse[::-1]] = np.arange(len(f) - 1, -1, -1)  # each region's first fault
+        inverse, first = distinct_rows(f["pid"], f["gen"], f["addr"] >> np.uint64(21))  # regions
         infos = [self.region(int(f["pid"][i]), int(f["gen"][i]), int(f["addr"][i])) for i in first]
         backing = np.array([p.backing if p else None for p in infos], dtype=object)
         kind = np.array([p.kind if p else None for p in infos], dtype=object)[inverse]
